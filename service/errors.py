@@ -1,0 +1,29 @@
+"""Errors the coordinator raises; the servicer maps each to one gRPC status.
+
+A client's malformed request raises ValueError (INVALID_ARGUMENT), as the math does.
+"""
+from __future__ import annotations
+
+
+class GradshardError(Exception):
+    """Base of the coordinator's own errors."""
+
+
+class NotFound(GradshardError):
+    """An unknown job or a missing data file (NOT_FOUND)."""
+
+
+class FailedPrecondition(GradshardError):
+    """The request is valid but the job cannot serve it now (FAILED_PRECONDITION)."""
+
+
+class ResourceExhausted(GradshardError):
+    """The cluster lacks the resources asked for (RESOURCE_EXHAUSTED)."""
+
+
+class ShardUnavailable(GradshardError):
+    """A shard's process died; retrying may succeed (UNAVAILABLE)."""
+
+
+class ShardTimeout(GradshardError):
+    """A shard did not answer within the call timeout (DEADLINE_EXCEEDED)."""

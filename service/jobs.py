@@ -1,0 +1,141 @@
+"""A job's configuration, validated, and its live record in the coordinator."""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.errors import NotFound
+from service.shard_group import ShardGroup
+from workers.data import prepare_labels
+from workers.models import ModelSpec
+from workers.npz import describe, open_array
+from workers.plan import ShardPlan
+from workers.shard import DataSpec
+
+DTYPES = ("float32", "float64")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything a client chooses about a job. Defaults are what an unset field means."""
+
+    model: str
+    data: DataSpec
+    features: int = 0          # synthetic only; an .npz gives its own
+    outputs: int = 0           # synthetic: K (0 = 1 for linear); .npz: 0 = from the labels
+    hidden: int = 0            # mlp only
+    activation: str = "relu"
+    shards: int = 1
+    dtype: str = "float32"
+    seed: int = 0
+    learning_rate: float = 0.1
+    batch_size: int = 0        # 0 = full batch
+    l2: float = 0.0
+    cpus_per_shard: float = 0.0
+
+
+def _check_positive_finite(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+
+
+def resolve(config: JobConfig) -> tuple[ModelSpec, np.ndarray | None]:
+    """Check a config and derive the model; returns (spec, labels from the file or None)."""
+    if config.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {config.dtype!r}")
+    _check_positive_finite("learning_rate", config.learning_rate)
+    if config.batch_size < 0:
+        raise ValueError(f"batch_size must be >= 0 (0 = full batch), got {config.batch_size}")
+    if not (math.isfinite(config.cpus_per_shard) and config.cpus_per_shard >= 0):
+        raise ValueError(f"cpus_per_shard must be >= 0, got {config.cpus_per_shard}")
+    if config.shards < 1:
+        raise ValueError(f"shards must be >= 1, got {config.shards}")
+    data = config.data
+    if data.kind == "synthetic":
+        if data.rows < 1:
+            raise ValueError(f"data.synthetic.rows must be >= 1, got {data.rows}")
+        outputs = config.outputs or (1 if config.model in ("linear", "logistic") else 0)
+        spec = ModelSpec(config.model, config.features, outputs, config.hidden, config.activation, config.l2)
+        return spec, None
+    if data.kind != "npz":
+        raise ValueError("data must be synthetic or npz_path")
+    if not data.path:
+        raise ValueError("data.npz_path is empty")
+    if not os.path.isfile(data.path):
+        raise NotFound(f"data.npz_path: no such file {data.path!r} on the server")
+    arrays = describe(data.path)
+    for name in ("X", "y"):
+        if name not in arrays:
+            raise ValueError(f"{data.path} has no array {name!r} (has: {', '.join(arrays) or 'none'})")
+    X, y = arrays["X"], arrays["y"]
+    if len(X.shape) != 2 or X.shape[0] < 1 or X.shape[1] < 1:
+        raise ValueError(f"X in {data.path} must be 2-D (rows, features) with rows and features >= 1, "
+                         f"got shape {X.shape}")
+    if X.dtype.kind not in "fiu":
+        raise ValueError(f"X in {data.path} must be numeric, got {X.dtype}")
+    if len(y.shape) < 1 or y.shape[0] != X.shape[0]:
+        raise ValueError(f"y in {data.path} must have {X.shape[0]} rows like X, got shape {y.shape}")
+    labels = np.array(open_array(data.path, "y"))
+    if labels.dtype.kind not in "fiub" or not np.all(np.isfinite(labels)):
+        raise ValueError(f"y in {data.path} must hold finite numbers")
+    if config.model == "linear":
+        outputs = 1 if labels.ndim == 1 else labels.shape[1]
+    elif config.model == "logistic":
+        outputs = 1
+    else:
+        outputs = config.outputs or int(labels.max()) + 1
+    spec = ModelSpec(config.model, X.shape[1], outputs, config.hidden, config.activation, config.l2)
+    return spec, prepare_labels(spec, labels, config.dtype)
+
+
+@dataclass
+class Job:
+    """A live job: its shards, the labels (the only data the coordinator keeps), its step."""
+
+    job_id: str
+    config: JobConfig
+    spec: ModelSpec
+    plan: ShardPlan
+    group: ShardGroup
+    y: np.ndarray                 # (rows, K) floats for linear, (rows,) otherwise
+    node_ids: list[str]
+    step: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def rows(self) -> int:
+        return int(self.y.shape[0])
+
+
+class JobRegistry:
+    """Jobs by id, safe to use from many server threads."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+
+    def add(self, job: Job) -> None:
+        with self._lock:
+            self._jobs[job.job_id] = job
+
+    def get(self, job_id: str) -> Job:
+        if not job_id:
+            raise ValueError("job_id is empty")
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r}")
+        return job
+
+    def pop(self, job_id: str) -> Job:
+        job = self.get(job_id)
+        with self._lock:
+            return self._jobs.pop(job.job_id)
+
+    def all(self) -> list[Job]:
+        with self._lock:
+            return list(self._jobs.values())

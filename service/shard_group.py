@@ -1,0 +1,114 @@
+"""The shards of one job, called together: on Ray actors, or in process for tests."""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from service.errors import ResourceExhausted, ShardTimeout, ShardUnavailable
+from workers.models import ModelSpec
+from workers.plan import ShardPlan
+from workers.shard import Shard
+
+log = logging.getLogger(__name__)
+
+
+class ShardGroup(Protocol):
+    """Calls one method on every shard and returns the results in shard order."""
+
+    n_shards: int
+
+    def put(self, value: Any) -> Any: ...
+
+    def call(self, method: str, *args: Any, each: Sequence[dict] | None = None, **kwargs: Any) -> list: ...
+
+    def node_ids(self) -> list[str]: ...
+
+    def close(self) -> None: ...
+
+
+class LocalShardGroup:
+    """Shards as plain objects in this process: a fake for coordinator tests without Ray."""
+
+    def __init__(self, spec: ModelSpec, plan: ShardPlan, dtype: str, seed: int, **_: Any) -> None:
+        self.shards = [Shard(spec, plan, s, dtype, seed) for s in range(plan.n_shards)]
+        self.n_shards = plan.n_shards
+
+    def put(self, value: Any) -> Any:
+        # Ray hands actors a read-only view of a put array; do the same so that a shard
+        # writing into its input fails here too.
+        if isinstance(value, np.ndarray):
+            value = value.view()
+            value.flags.writeable = False
+        return value
+
+    def call(self, method: str, *args: Any, each: Sequence[dict] | None = None, **kwargs: Any) -> list:
+        return [getattr(shard, method)(*args, **kwargs, **(each[s] if each else {}))
+                for s, shard in enumerate(self.shards)]
+
+    def node_ids(self) -> list[str]:
+        return ["local"] * self.n_shards
+
+    def close(self) -> None:
+        self.shards = []
+
+
+class RayShardGroup:
+    """One Ray actor per shard. Large shared arguments go through ray.put once."""
+
+    def __init__(self, spec: ModelSpec, plan: ShardPlan, dtype: str, seed: int,
+                 cpus_per_shard: float = 0.0, timeout_s: float = 600.0) -> None:
+        import ray
+
+        from workers.actor import RemoteShard
+
+        self._ray = ray
+        self.n_shards = plan.n_shards
+        self.timeout_s = timeout_s
+        total = ray.cluster_resources().get("CPU", 1.0)
+        if cpus_per_shard > 0:
+            free = ray.available_resources().get("CPU", 0.0)
+            if cpus_per_shard * plan.n_shards > free + 1e-9:
+                raise ResourceExhausted(
+                    f"cpus_per_shard={cpus_per_shard} x shards={plan.n_shards} needs "
+                    f"{cpus_per_shard * plan.n_shards:g} CPUs; the cluster has {free:g} free of {total:g}")
+            threads = max(1, math.floor(cpus_per_shard))
+        else:
+            threads = max(1, math.floor(total / plan.n_shards))
+        options = {"num_cpus": cpus_per_shard}
+        self.actors = [RemoteShard.options(**options).remote(spec, plan, s, dtype, seed, blas_threads=threads)
+                       for s in range(plan.n_shards)]
+        log.info("started %d shard actors, %d BLAS threads each", plan.n_shards, threads)
+
+    def put(self, value: Any) -> Any:
+        return self._ray.put(value)
+
+    def call(self, method: str, *args: Any, each: Sequence[dict] | None = None, **kwargs: Any) -> list:
+        refs = [getattr(actor, method).remote(*args, **kwargs, **(each[s] if each else {}))
+                for s, actor in enumerate(self.actors)]
+        return self._get(refs, method)
+
+    def node_ids(self) -> list[str]:
+        return self._get([a.node_id.remote() for a in self.actors], "node_id")
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self._ray.kill(actor)
+        self.actors = []
+
+    def _get(self, refs: list, method: str) -> list:
+        exc = self._ray.exceptions
+        try:
+            return self._ray.get(refs, timeout=self.timeout_s)
+        except exc.RayTaskError as e:
+            # The shard raised: surface its own exception (ValueError etc.), not Ray's wrapper.
+            cause = getattr(e, "cause", None)
+            if cause is not None:
+                raise cause from None
+            raise
+        except exc.GetTimeoutError:
+            raise ShardTimeout(f"shards did not finish {method} within {self.timeout_s:g} s") from None
+        except (exc.RayActorError, exc.ObjectLostError) as e:
+            raise ShardUnavailable(f"a shard died during {method}: {type(e).__name__}; retry the call") from None

@@ -1,0 +1,138 @@
+"""A shard as a plain object: its slice of theta, its block of the data, and the
+calls of one synchronized step. The Ray actor (workers.actor) is a thin wrapper.
+numpy only."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from workers.data import TEACHER, init_theta, synthetic_inputs
+from workers.losses import loss_value
+from workers.models import ModelSpec
+from workers.npz import read_columns
+from workers.plan import ShardPlan, Slice
+from workers.shard_math import shard_math
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where a job's inputs come from: generated from a seed, or an .npz file."""
+
+    kind: str            # "synthetic" or "npz"
+    rows: int = 0        # synthetic only
+    path: str = ""       # npz only
+    seed: int = 0        # synthetic only
+
+
+class Shard:
+    """Shard `index` of a job: owns plan.params(index) of the flat vector."""
+
+    def __init__(self, spec: ModelSpec, plan: ShardPlan, index: int, dtype: str, seed: int) -> None:
+        self.spec, self.index = spec, index
+        self.dtype = np.dtype(dtype)
+        self.units: Slice = plan.units[index]
+        self.has_tail = plan.is_last(index)
+        self.math = shard_math(spec, self.units, self.has_tail)
+        self.theta = init_theta(spec, self.units, self.has_tail, seed, self.dtype)   # (P_s,)
+        self.grad = np.empty_like(self.theta)                                         # (P_s,)
+        self.X: np.ndarray | None = None     # (rows, d) column block, or (rows, D) for the MLP
+        self._pending: tuple | None = None   # (token, theta, Xb, cache) of the last forward
+
+    # --- set-up -------------------------------------------------------------------
+    def load(self, data: DataSpec) -> int:
+        """Generate or read this shard's inputs; returns their bytes."""
+        columns = Slice(0, self.spec.n_features) if self.spec.is_mlp else self.units
+        if data.kind == "synthetic":
+            self.X = synthetic_inputs(data.seed, data.rows, columns, self.dtype)
+        elif data.kind == "npz":
+            self.X = read_columns(data.path, "X", columns.begin, columns.end, self.dtype)
+            bad = ~np.isfinite(self.X)
+            if bad.any():
+                r, c = np.argwhere(bad)[0]
+                raise ValueError(f"X in {data.path} has {int(bad.sum())} non-finite values in columns "
+                                 f"[{columns.begin}, {columns.end}), first at row {r}, column {columns.begin + c}")
+        else:
+            raise ValueError(f"unknown data kind {data.kind!r}")
+        return int(self.X.nbytes)
+
+    def teacher_output(self, seed: int) -> np.ndarray:
+        """Partial output (rows, K) of the teacher model that labels synthetic data, float64."""
+        theta = init_theta(self.spec, self.units, self.has_tail, seed, np.float64, purpose=TEACHER)
+        return self.math.forward(theta, self._X_float64())[0]
+
+    # --- one synchronized step ------------------------------------------------------
+    def forward(self, token: int, rows: np.ndarray | None = None, theta: np.ndarray | None = None,
+                float64: bool = False) -> tuple[np.ndarray, float, float]:
+        """Partial output Z_s (B, K) on the batch, the slice's L2 penalty, and seconds.
+
+        Remembers what backward needs under `token`.
+        """
+        t0 = time.perf_counter()
+        X = self._X_float64() if float64 else self.X
+        Xb = X if rows is None else X[rows]
+        th = self.theta if theta is None else theta
+        if float64:
+            th = th.astype(np.float64)
+        Z, cache = self.math.forward(th, Xb)
+        self._pending = (token, th, Xb, cache)
+        return Z, self.math.penalty(th), time.perf_counter() - t0
+
+    def backward(self, token: int, dZ: np.ndarray, lr: float = 0.0, want_grad: bool = False
+                 ) -> tuple[float, np.ndarray | None, float]:
+        """Gradient of the slice from dZ (B, K); applies theta -= lr * grad when lr > 0.
+
+        Returns (squared norm of the slice's gradient, the gradient if asked, seconds).
+        """
+        t0 = time.perf_counter()
+        tok, th, Xb, cache = self._take(token)
+        grad = self.grad if th.dtype == self.grad.dtype else np.empty_like(th)
+        self.math.backward(th, Xb, dZ, cache, out=grad)
+        sqnorm = float(np.vdot(grad, grad))
+        out = grad.copy() if want_grad else None
+        if lr > 0:
+            assert th is self.theta, "an update must apply to the shard's own parameters"
+            self.theta -= lr * grad
+        return sqnorm, out, time.perf_counter() - t0
+
+    def check(self, token: int, Z: np.ndarray, dZ: np.ndarray, y: np.ndarray, indices: np.ndarray,
+              h: float) -> tuple[np.ndarray, np.ndarray, float]:
+        """Analytic and central-difference derivatives at local `indices`, float64.
+
+        Z is the full output (B, K) of the forward that `token` names. The nudged loss
+        is evaluated locally: Z' = Z + (Z_s(theta + h e_i) - Z_s(theta)).
+        """
+        t0 = time.perf_counter()
+        _, th, Xb, cache = self._take(token)
+        analytic = self.math.backward(th, Xb, dZ, cache, out=np.empty_like(th))[indices]
+        numeric = np.empty(len(indices))
+        l2, kind = self.spec.l2, self.spec.loss
+        for n, i in enumerate(indices):
+            L = []
+            for delta in (h, -h):
+                Lz = loss_value(kind, Z + self.math.output_delta(th, Xb, cache, int(i), delta), y)
+                if l2 and self.math.is_weight(int(i)):
+                    Lz += 0.5 * l2 * ((th[i] + delta) ** 2 - th[i] ** 2)
+                L.append(Lz)
+            numeric[n] = (L[0] - L[1]) / (2 * h)
+        return analytic, numeric, time.perf_counter() - t0
+
+    # --- parameters ---------------------------------------------------------------
+    def get_params(self) -> np.ndarray:
+        return self.theta.copy()
+
+    def set_params(self, theta: np.ndarray) -> None:
+        if theta.shape != self.theta.shape or theta.dtype != self.theta.dtype:
+            raise ValueError(f"shard {self.index} takes {self.theta.shape} {self.theta.dtype}, "
+                             f"got {theta.shape} {theta.dtype}")
+        self.theta[...] = theta
+        self._pending = None
+
+    def _take(self, token: int) -> tuple:
+        if self._pending is None or self._pending[0] != token:
+            raise RuntimeError(f"shard {self.index}: no forward for call {token}; run forward first")
+        return self._pending
+
+    def _X_float64(self) -> np.ndarray:
+        return self.X if self.X.dtype == np.float64 else self.X.astype(np.float64)

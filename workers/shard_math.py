@@ -1,0 +1,150 @@
+"""One shard's math: its partial output Z_s, its slice's gradient from dZ, and the
+change of Z_s when one of its parameters is nudged. numpy only.
+
+theta is the shard's contiguous slice of the unit-major flat vector (see
+workers.models); the classes below only take views of it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from workers.models import ModelSpec
+from workers.plan import Slice
+
+
+class LinearShardMath:
+    """Z_s = X_s W_s (+ b on the last shard); X_s holds the shard's d feature columns."""
+
+    def __init__(self, spec: ModelSpec, units: Slice, has_tail: bool) -> None:
+        self.K = spec.n_outputs
+        self.d = units.size
+        self.l2 = spec.l2
+        self.n_body = self.d * self.K
+        self.n_params = self.n_body + (self.K if has_tail else 0)
+
+    def split(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return theta[: self.n_body].reshape(self.d, self.K), theta[self.n_body:]
+
+    def forward(self, theta: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, None]:
+        W, b = self.split(theta)
+        Z = X @ W                                          # (B, K)
+        if b.size:
+            Z += b
+        return Z, None
+
+    def backward(self, theta: np.ndarray, X: np.ndarray, dZ: np.ndarray, cache: None,
+                 out: np.ndarray) -> np.ndarray:
+        W, _ = self.split(theta)
+        gW, gb = self.split(out)
+        np.matmul(X.T, dZ, out=gW)                         # (d, K)
+        if gb.size:
+            dZ.sum(axis=0, out=gb)
+        if self.l2:
+            gW += self.l2 * W
+        return out
+
+    def penalty(self, theta: np.ndarray) -> float:
+        if not self.l2:
+            return 0.0
+        W, _ = self.split(theta)
+        return 0.5 * self.l2 * float(np.vdot(W, W))
+
+    def is_weight(self, i: int) -> bool:
+        return i < self.n_body
+
+    def output_delta(self, theta: np.ndarray, X: np.ndarray, cache: None, i: int,
+                     delta: float) -> np.ndarray:
+        """Z_s(theta + delta e_i) - Z_s(theta), shape (B, K), in O(B K)."""
+        out = np.zeros((X.shape[0], self.K), X.dtype)
+        if i < self.n_body:
+            d, k = divmod(i, self.K)
+            out[:, k] = delta * X[:, d]
+        else:
+            out[:, i - self.n_body] = delta
+        return out
+
+
+class MLPShardMath:
+    """Z_s = act(X W1_s + b1_s) W2_s (+ b2 on the last shard) for the shard's h hidden units.
+
+    Layout of theta: h rows of [W1[:, j] (D), b1[j], W2[j, :] (K)], then b2 (K) if last.
+    """
+
+    def __init__(self, spec: ModelSpec, units: Slice, has_tail: bool) -> None:
+        self.D, self.K = spec.n_features, spec.n_outputs
+        self.h = units.size
+        self.u = spec.unit_size
+        self.l2 = spec.l2
+        self.tanh = spec.activation == "tanh"
+        self.n_body = self.h * self.u
+        self.n_params = self.n_body + (self.K if has_tail else 0)
+
+    def split(self, theta: np.ndarray):
+        D = self.D
+        U = theta[: self.n_body].reshape(self.h, self.u)  # (h, D+1+K)
+        return U[:, :D], U[:, D], U[:, D + 1:], theta[self.n_body:]  # W1ᵀ (h,D), b1 (h), W2 (h,K), b2
+
+    def _act(self, A: np.ndarray) -> np.ndarray:
+        return np.tanh(A) if self.tanh else np.maximum(A, 0)
+
+    def forward(self, theta: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, tuple]:
+        W1t, b1, W2, b2 = self.split(theta)
+        A = X @ W1t.T                                      # (B, h) pre-activations
+        A += b1
+        Hh = self._act(A)                                  # (B, h)
+        Z = Hh @ W2                                        # (B, K)
+        if b2.size:
+            Z += b2
+        return Z, (A, Hh)
+
+    def backward(self, theta: np.ndarray, X: np.ndarray, dZ: np.ndarray, cache: tuple,
+                 out: np.ndarray) -> np.ndarray:
+        A, Hh = cache
+        W1t, _, W2, _ = self.split(theta)
+        gW1t, gb1, gW2, gb2 = self.split(out)
+        gW2[...] = Hh.T @ dZ                               # (h, K)
+        dA = dZ @ W2.T                                     # (B, h)
+        if self.tanh:
+            dA *= 1.0 - Hh * Hh
+        else:
+            dA *= A > 0
+        gW1t[...] = dA.T @ X                               # (h, D)
+        gb1[...] = dA.sum(axis=0)
+        if gb2.size:
+            dZ.sum(axis=0, out=gb2)
+        if self.l2:
+            gW1t += self.l2 * W1t
+            gW2 += self.l2 * W2
+        return out
+
+    def penalty(self, theta: np.ndarray) -> float:
+        if not self.l2:
+            return 0.0
+        W1t, _, W2, _ = self.split(theta)
+        return 0.5 * self.l2 * float(np.sum(W1t * W1t) + np.sum(W2 * W2))
+
+    def is_weight(self, i: int) -> bool:
+        return i < self.n_body and i % self.u != self.D
+
+    def output_delta(self, theta: np.ndarray, X: np.ndarray, cache: tuple, i: int,
+                     delta: float) -> np.ndarray:
+        """Z_s(theta + delta e_i) - Z_s(theta), shape (B, K), in O(B K)."""
+        A, Hh = cache
+        out = np.zeros((X.shape[0], self.K), X.dtype)
+        if i >= self.n_body:                               # output bias b2[k]
+            out[:, i - self.n_body] = delta
+            return out
+        j, r = divmod(i, self.u)
+        if r > self.D:                                     # W2[j, k]: Z[:, k] moves by delta * H[:, j]
+            out[:, r - self.D - 1] = delta * Hh[:, j]
+            return out
+        shift = delta * X[:, r] if r < self.D else delta  # W1[r, j] or b1[j] moves A[:, j]
+        _, _, W2, _ = self.split(theta)
+        np.outer(self._act(A[:, j] + shift) - Hh[:, j], W2[j], out=out)
+        return out
+
+
+def shard_math(spec: ModelSpec, units: Slice, has_tail: bool) -> LinearShardMath | MLPShardMath:
+    """The math object for one shard of the model."""
+    cls = MLPShardMath if spec.is_mlp else LinearShardMath
+    return cls(spec, units, has_tail)
