@@ -1,0 +1,118 @@
+"""A Python client for the gradshard service: numpy arrays in and out of every RPC."""
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gradshard.v1 import gradshard_pb2 as pb
+from gradshard.v1 import gradshard_pb2_grpc as pb_grpc
+from service.tensors import decode_stream, encode_all
+
+MODEL_NAMES = {"linear": pb.LINEAR, "logistic": pb.LOGISTIC, "softmax": pb.SOFTMAX, "mlp": pb.MLP}
+DTYPE_NAMES = {"float32": pb.FLOAT32, "float64": pb.FLOAT64}
+
+
+def _batch(rows) -> pb.Batch:
+    return pb.Batch(rows=[] if rows is None else np.asarray(rows, np.int64).tolist())
+
+
+class Client:
+    """One channel to one coordinator. Metadata comes back as the protobuf messages."""
+
+    def __init__(self, address: str, timeout: float | None = None) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.stub = pb_grpc.GradShardStub(self.channel)
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def wait_until_serving(self, timeout: float = 60.0) -> None:
+        """Block until the health service says SERVING."""
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server not SERVING after {timeout} s")
+            time.sleep(0.1)
+
+    # --- jobs ---------------------------------------------------------------------
+    def create_job(self, model: str, *, shards: int = 1, dtype: str = "float32", seed: int = 0,
+                   learning_rate: float = 0.1, batch_size: int = 0, l2: float = 0.0, hidden: int = 0,
+                   activation: str = "relu", rows: int = 0, features: int = 0, outputs: int = 0,
+                   npz_path: str | None = None, cpus_per_shard: float = 0.0) -> pb.Job:
+        """Create a job on synthetic data (rows, features, outputs) or on a server-side .npz file."""
+        if npz_path is not None:
+            data = pb.DataSource(npz_path=npz_path)
+        else:
+            data = pb.DataSource(synthetic=pb.SyntheticData(rows=rows, features=features, outputs=outputs))
+        request = pb.CreateJobRequest(
+            model=MODEL_NAMES[model], hidden=hidden, activation=pb.TANH if activation == "tanh" else pb.RELU,
+            shards=shards, dtype=DTYPE_NAMES[dtype], seed=seed, learning_rate=learning_rate,
+            batch_size=batch_size, l2=l2, data=data, cpus_per_shard=cpus_per_shard)
+        return self.stub.CreateJob(request, timeout=self.timeout)
+
+    def get_job(self, job_id: str) -> pb.Job:
+        return self.stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=self.timeout)
+
+    def list_jobs(self) -> list[pb.Job]:
+        return list(self.stub.ListJobs(pb.ListJobsRequest(), timeout=self.timeout).jobs)
+
+    def delete_job(self, job_id: str) -> None:
+        self.stub.DeleteJob(pb.DeleteJobRequest(job_id=job_id), timeout=self.timeout)
+
+    # --- parameters and gradients -------------------------------------------------
+    def get_params(self, job_id: str, flat: bool = False) -> dict[str, np.ndarray]:
+        return decode_stream(self.stub.GetParameters(pb.GetParametersRequest(job_id=job_id, flat=flat),
+                                                     timeout=self.timeout))
+
+    def set_params(self, job_id: str, tensors: dict[str, np.ndarray]) -> pb.Job:
+        def requests():
+            yield pb.SetParametersRequest(job_id=job_id)
+            for chunk in encode_all(tensors):
+                yield pb.SetParametersRequest(chunk=chunk)
+        return self.stub.SetParameters(requests(), timeout=self.timeout)
+
+    def gradient(self, job_id: str, rows=None, params: dict[str, np.ndarray] | None = None,
+                 flat: bool = False) -> tuple[pb.GradientSummary, dict[str, np.ndarray]]:
+        """(summary with the loss, gradient tensors) at the job's parameters or at `params`."""
+        def requests():
+            yield pb.GradientRequest(job_id=job_id, batch=_batch(rows), flat=flat)
+            for chunk in encode_all(params or {}):
+                yield pb.GradientRequest(parameters=chunk)
+        responses = self.stub.ComputeGradient(requests(), timeout=self.timeout)
+        summary = next(responses).summary
+        return summary, decode_stream(r.chunk for r in responses)
+
+    # --- training and checks ------------------------------------------------------
+    def step(self, job_id: str, steps: int = 1, learning_rate: float = 0.0) -> Iterator[pb.StepReport]:
+        """Run synchronized SGD steps; yields one report per step as it completes."""
+        return self.stub.Step(pb.StepRequest(job_id=job_id, steps=steps, learning_rate=learning_rate),
+                              timeout=self.timeout)
+
+    def evaluate(self, job_id: str, rows=None) -> pb.EvaluateResponse:
+        return self.stub.Evaluate(pb.EvaluateRequest(job_id=job_id, batch=_batch(rows)), timeout=self.timeout)
+
+    def check_gradient(self, job_id: str, coords_per_shard: int = 0, indices=None, h: float = 0.0,
+                       seed: int = 0, rows=None, worst: int = 0) -> pb.CheckGradientResponse:
+        request = pb.CheckGradientRequest(
+            job_id=job_id, coords_per_shard=coords_per_shard,
+            indices=[] if indices is None else np.asarray(indices, np.int64).tolist(),
+            h=h, seed=seed, batch=_batch(rows), worst=worst)
+        return self.stub.CheckGradient(request, timeout=self.timeout)

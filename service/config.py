@@ -1,0 +1,45 @@
+"""The server's settings: one frozen dataclass, read from flags and GRADSHARD_* variables."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"        # interface to listen on; loopback unless told otherwise
+    port: int = 50051              # gRPC port; 0 picks a free one
+    ray_address: str = ""          # "" starts a local Ray in process; "auto" or "ray://host:10001" joins one
+    ray_cpus: int = 0              # CPUs of the embedded local Ray; 0 = all of this machine's
+    object_store_mb: int = 0       # object store of the embedded Ray in MiB; 0 = Ray's default
+    call_timeout_s: float = 600.0  # longest wait for the shards of one call
+    workers: int = 16              # server threads (concurrent RPCs)
+    grace_s: float = 5.0           # seconds in-flight RPCs get on shutdown
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.ray_cpus < 0 or self.object_store_mb < 0:
+            raise ValueError("ray_cpus and object_store_mb must be >= 0")
+        if self.call_timeout_s <= 0 or self.workers < 1 or self.grace_s < 0:
+            raise ValueError("call_timeout_s > 0, workers >= 1 and grace_s >= 0 are required")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One --flag per field; its default comes from GRADSHARD_<FIELD> if set."""
+    for f in dataclasses.fields(Settings):
+        env = os.environ.get(f"GRADSHARD_{f.name.upper()}")
+        kind = {"int": int, "float": float}.get(f.type, str)
+        default = kind(env) if env is not None else f.default
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default,
+                            help=f"(env GRADSHARD_{f.name.upper()}; default {default!r})")
+
+
+def from_args(args: argparse.Namespace) -> Settings:
+    return Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})

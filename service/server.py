@@ -1,0 +1,65 @@
+"""The gRPC server: the GradShard service, health checking and reflection."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gradshard.v1 import gradshard_pb2 as pb
+from gradshard.v1 import gradshard_pb2_grpc as pb_grpc
+from service.config import Settings
+from service.coordinator import Coordinator
+from service.runtime import start_ray
+from service.servicer import GradShardServicer
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradShard"].full_name
+
+
+def create_server(coordinator: Coordinator, address: str, workers: int = 16
+                  ) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A started server on `address` ("host:0" picks a port); health says NOT_SERVING."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    pb_grpc.add_GradShardServicer_to_server(GradShardServicer(coordinator), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not listen on {address}")
+    server.start()
+    return server, port, health_servicer
+
+
+def set_serving(health_servicer: health.HealthServicer) -> None:
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+def serve(settings: Settings, ready: threading.Event | None = None) -> None:
+    """Run until SIGTERM or SIGINT: listen first (NOT_SERVING), start Ray, then SERVING."""
+    coordinator = Coordinator(call_timeout_s=settings.call_timeout_s)
+    server, port, health_servicer = create_server(coordinator, settings.address, settings.workers)
+    log.info("listening on %s:%d (NOT_SERVING until Ray is up)", settings.host, port)
+    start_ray(settings)
+    set_serving(health_servicer)
+    log.info("serving on %s:%d", settings.host, port)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if ready is not None:
+        ready.set()
+    stop.wait()
+    log.info("shutting down (grace %.1f s)", settings.grace_s)
+    health_servicer.enter_graceful_shutdown()
+    server.stop(settings.grace_s).wait()
+    coordinator.close()

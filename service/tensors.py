@@ -1,0 +1,106 @@
+"""Named numpy arrays <-> streams of TensorChunk messages (at most 1 MiB of data each)."""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from gradshard.v1 import gradshard_pb2 as pb
+
+CHUNK_BYTES = 1 << 20
+_TO_PB = {np.dtype(np.float32): pb.FLOAT32, np.dtype(np.float64): pb.FLOAT64, np.dtype(np.int64): pb.INT64}
+_FROM_PB = {v: k for k, v in _TO_PB.items()}
+
+
+def dtype_to_pb(dtype: np.dtype) -> int:
+    return _TO_PB[np.dtype(dtype)]
+
+
+def dtype_from_pb(value: int) -> np.dtype:
+    if value not in _FROM_PB:
+        raise ValueError(f"dtype must be FLOAT32 or FLOAT64, got {pb.DType.Name(value) if value in pb.DType.values() else value}")
+    return _FROM_PB[value]
+
+
+def encode(name: str, array: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
+    """Chunks of one tensor, in order; an empty tensor is one chunk with no data."""
+    a = np.ascontiguousarray(array)
+    a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+    raw = memoryview(a.reshape(-1)).cast("B")
+    dtype, shape = dtype_to_pb(a.dtype), list(a.shape)
+    for offset in range(0, max(len(raw), 1), chunk_bytes):
+        yield pb.TensorChunk(name=name, dtype=dtype, shape=shape, offset=offset,
+                             data=bytes(raw[offset: offset + chunk_bytes]))
+
+
+def encode_all(tensors: dict[str, np.ndarray]) -> Iterator[pb.TensorChunk]:
+    for name, array in tensors.items():
+        yield from encode(name, array)
+
+
+class TensorAssembler:
+    """Collects chunks into arrays, checking each against the shapes the job allows.
+
+    The shape and dtype are checked on a tensor's first chunk, before anything is
+    allocated, so a client cannot make the server allocate more than the job's size.
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], dtype: np.dtype) -> None:
+        self.shapes, self.dtype = shapes, np.dtype(dtype)
+        self._arrays: dict[str, np.ndarray] = {}
+        self._received: dict[str, int] = {}
+
+    def add(self, chunk: pb.TensorChunk) -> None:
+        name = chunk.name
+        if name not in self.shapes:
+            raise ValueError(f"unknown tensor {name!r}; expected one of {', '.join(self.shapes)}")
+        if len(chunk.data) > CHUNK_BYTES:
+            raise ValueError(f"tensor {name}: a chunk holds at most {CHUNK_BYTES} bytes, got {len(chunk.data)}")
+        dtype = dtype_from_pb(chunk.dtype)
+        if dtype != self.dtype:
+            raise ValueError(f"tensor {name} has dtype {dtype}, the job uses {self.dtype}")
+        if tuple(chunk.shape) != self.shapes[name]:
+            raise ValueError(f"tensor {name} has shape {tuple(chunk.shape)}, expected {self.shapes[name]}")
+        if name not in self._arrays:
+            self._arrays[name] = np.empty(self.shapes[name], self.dtype)
+            self._received[name] = 0
+        raw = self._arrays[name].reshape(-1).view(np.uint8)
+        got = self._received[name]
+        if chunk.offset != got:
+            raise ValueError(f"tensor {name}: chunk at offset {chunk.offset}, expected {got} (send chunks in order)")
+        if got + len(chunk.data) > raw.size:
+            raise ValueError(f"tensor {name}: {got + len(chunk.data)} bytes is more than its {raw.size}")
+        raw[got: got + len(chunk.data)] = np.frombuffer(chunk.data, np.uint8)
+        self._received[name] = got + len(chunk.data)
+
+    def finish(self) -> dict[str, np.ndarray]:
+        """The complete arrays (native byte order); ValueError if one is incomplete."""
+        for name, array in self._arrays.items():
+            if self._received[name] != array.nbytes:
+                raise ValueError(f"tensor {name} is incomplete: got {self._received[name]} of {array.nbytes} bytes")
+        # Wire order is little-endian; convert in place on a big-endian host.
+        return {n: a.view(a.dtype.newbyteorder("<")).astype(self.dtype, copy=False)
+                for n, a in self._arrays.items()}
+
+
+def decode_stream(chunks: Iterable[pb.TensorChunk]) -> dict[str, np.ndarray]:
+    """Decode chunks without a job to check against (the client's side); writable arrays."""
+    buffers: dict[str, tuple[bytearray, np.dtype, tuple[int, ...]]] = {}
+    filled: dict[str, int] = {}
+    for c in chunks:
+        if c.name not in buffers:
+            dtype, shape = dtype_from_pb(c.dtype).newbyteorder("<"), tuple(c.shape)
+            buffers[c.name] = (bytearray(math.prod(shape) * dtype.itemsize), dtype, shape)
+            filled[c.name] = 0
+        buf = buffers[c.name][0]
+        if c.offset != filled[c.name] or c.offset + len(c.data) > len(buf):
+            raise ValueError(f"tensor {c.name}: chunk at offset {c.offset} does not follow {filled[c.name]}")
+        buf[c.offset: c.offset + len(c.data)] = c.data
+        filled[c.name] += len(c.data)
+    out = {}
+    for name, (buf, dtype, shape) in buffers.items():
+        if filled[name] != len(buf):
+            raise ValueError(f"tensor {name}: {filled[name]} bytes do not fill shape {shape}")
+        out[name] = np.frombuffer(buf, dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=False)
+    return out
