@@ -62,7 +62,7 @@ def _create(client: Client, a: argparse.Namespace, **extra):
     outputs = a.outputs or (10 if a.model in ("softmax", "mlp") else 1)
     if a.data:
         job = client.create_job(a.model, hidden=hidden, activation=a.activation, shards=a.shards, dtype=a.dtype,
-                                seed=a.seed, l2=a.l2, npz_path=a.data, **extra)
+                                seed=a.seed, l2=a.l2, npz_path=a.data, outputs=a.outputs, **extra)
     else:
         job = client.create_job(a.model, hidden=hidden, activation=a.activation, shards=a.shards, dtype=a.dtype,
                                 seed=a.seed, l2=a.l2, rows=a.rows, features=a.features, outputs=outputs, **extra)

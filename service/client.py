@@ -57,9 +57,12 @@ class Client:
                    learning_rate: float = 0.1, batch_size: int = 0, l2: float = 0.0, hidden: int = 0,
                    activation: str = "relu", rows: int = 0, features: int = 0, outputs: int = 0,
                    npz_path: str | None = None, cpus_per_shard: float = 0.0) -> pb.Job:
-        """Create a job on synthetic data (rows, features, outputs) or on a server-side .npz file."""
+        """Create a job on synthetic data (rows, features, outputs) or on a server-side .npz file.
+
+        With npz_path, `outputs` is the number of classes (0: the largest label + 1).
+        """
         if npz_path is not None:
-            data = pb.DataSource(npz_path=npz_path)
+            data = pb.DataSource(npz_path=npz_path, classes=outputs)
         else:
             data = pb.DataSource(synthetic=pb.SyntheticData(rows=rows, features=features, outputs=outputs))
         request = pb.CreateJobRequest(

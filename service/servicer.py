@@ -87,7 +87,7 @@ def config_from_pb(r: pb.CreateJobRequest) -> JobConfig:
         s = r.data.synthetic
         data, features, outputs = DataSpec("synthetic", rows=s.rows, seed=r.seed), s.features, s.outputs
     elif which == "npz_path":
-        data, features, outputs = DataSpec("npz", path=r.data.npz_path), 0, 0
+        data, features, outputs = DataSpec("npz", path=r.data.npz_path), 0, r.data.classes
     else:
         raise ValueError("data is required: set data.synthetic or data.npz_path")
     return JobConfig(model=MODELS[r.model], data=data, features=features, outputs=outputs, hidden=r.hidden,
@@ -103,7 +103,7 @@ def job_to_pb(job: Job) -> pb.Job:
         data = pb.DataSource(synthetic=pb.SyntheticData(rows=c.data.rows, features=spec.n_features,
                                                         outputs=spec.n_outputs))
     else:
-        data = pb.DataSource(npz_path=c.data.path)
+        data = pb.DataSource(npz_path=c.data.path, classes=spec.n_outputs if spec.loss == "softmax_ce" else 0)
     shards = [pb.ShardInfo(index=s, unit_begin=u.begin, unit_end=u.end, param_begin=p.begin, param_end=p.end,
                            node_id=job.node_ids[s])
               for s, (u, p) in enumerate(zip(job.plan.units, job.plan.param_slices()))]

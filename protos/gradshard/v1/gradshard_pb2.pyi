@@ -65,12 +65,14 @@ class SyntheticData(_message.Message):
     def __init__(self, rows: _Optional[int] = ..., features: _Optional[int] = ..., outputs: _Optional[int] = ...) -> None: ...
 
 class DataSource(_message.Message):
-    __slots__ = ("synthetic", "npz_path")
+    __slots__ = ("synthetic", "npz_path", "classes")
     SYNTHETIC_FIELD_NUMBER: _ClassVar[int]
     NPZ_PATH_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
     synthetic: SyntheticData
     npz_path: str
-    def __init__(self, synthetic: _Optional[_Union[SyntheticData, _Mapping]] = ..., npz_path: _Optional[str] = ...) -> None: ...
+    classes: int
+    def __init__(self, synthetic: _Optional[_Union[SyntheticData, _Mapping]] = ..., npz_path: _Optional[str] = ..., classes: _Optional[int] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
     __slots__ = ("model", "hidden", "activation", "shards", "dtype", "seed", "learning_rate", "batch_size", "l2", "data", "cpus_per_shard")

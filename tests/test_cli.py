@@ -1,0 +1,109 @@
+"""The `gradshard` command, run as a user would: a subprocess, against our server or embedded."""
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import reference as ref
+
+GRADSHARD = [sys.executable, "-m", "service.cli"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, check=True, timeout=300):
+    proc = subprocess.run([*GRADSHARD, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def data_and_params(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    rng = np.random.default_rng(5)
+    X, y = rng.standard_normal((60, 8)), rng.integers(0, 3, 60)
+    np.savez(d / "data.npz", X=X, y=y)
+    params = ref.init_params("mlp", 8, 3, H=6, rng=rng)
+    np.savez(d / "params.npz", **params)
+    return d, X, y, params
+
+
+def test_grad_against_a_server_writes_the_reference_gradient(server, data_and_params):
+    d, X, y, params = data_and_params
+    out = d / "grad.npz"
+    proc = run("grad", "--server", server[0], "--model", "mlp", "--hidden", "6", "--data", str(d / "data.npz"),
+               "--params", str(d / "params.npz"), "--shards", "3", "--dtype", "float64", "--out", str(out))
+    loss, grads = ref.loss_and_grads("mlp", params, X, y)
+    with np.load(out) as f:
+        assert float(f["loss"]) == pytest.approx(loss, rel=1e-12)
+        for name in grads:
+            np.testing.assert_allclose(f[name], grads[name], rtol=1e-10, atol=1e-14)
+    assert re.search(r"loss [0-9.]+ +\|grad\|", proc.stdout)
+
+
+def test_check_passes_and_fails_on_its_tolerance(server, data_and_params):
+    d = data_and_params[0]
+    args = ["check", "--server", server[0], "--model", "mlp", "--hidden", "6", "--data", str(d / "data.npz"),
+            "--dtype", "float64", "--shards", "2", "--coords", "20"]
+    ok = run(*args)
+    assert "OK: max abs error" in ok.stdout and ok.stdout.count("\n") >= 5
+    strict = run(*args, "--tol", "0", check=False)
+    assert strict.returncode == 1 and "FAILED" in strict.stdout
+
+
+def test_grad_embedded_starts_its_own_ray_and_agrees_with_the_reference(data_and_params):
+    d, X, y, params = data_and_params
+    out = d / "grad_embedded.npz"
+    run("grad", "--model", "mlp", "--hidden", "6", "--data", str(d / "data.npz"), "--params",
+        str(d / "params.npz"), "--shards", "2", "--dtype", "float64", "--out", str(out))
+    _, grads = ref.loss_and_grads("mlp", params, X, y)
+    with np.load(out) as f:
+        np.testing.assert_allclose(f["W1"], grads["W1"], rtol=1e-10, atol=1e-14)
+
+
+def test_a_client_error_is_reported_with_its_status(server):
+    proc = run("grad", "--server", server[0], "--model", "softmax", "--shards", "99", "--features", "4",
+               check=False)
+    assert proc.returncode == 2
+    assert "INVALID_ARGUMENT: shards must be between 1 and 4" in proc.stderr
+
+
+def test_demo_trains_and_reports_bytes(server):
+    proc = run("demo", "--server", server[0], "--hidden", "40", "--rows", "512", "--steps", "40", "--every", "20",
+               "--lr", "0.01")
+    m = re.search(r"after 40 steps: loss ([0-9.]+) \(was ([0-9.]+)\)", proc.stdout)
+    assert m and float(m.group(1)) < float(m.group(2)), proc.stdout
+    assert re.search(r"moved [0-9,]+ B to and [0-9,]+ B from the shards", proc.stdout)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_starts_serves_and_stops_on_sigterm():
+    from service.client import Client
+
+    port = free_port()
+    proc = subprocess.Popen([*GRADSHARD, "serve", "--port", str(port), "--ray-cpus", "2",
+                             "--object-store-mb", "256"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "GRADSHARD_GRACE_S": "1"})
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+            client.wait_until_serving(timeout=90)
+            job = client.create_job("logistic", shards=2, rows=16, features=4)
+            assert client.evaluate(job.job_id).rows == 16
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = proc.stdout.read()
+    assert "serving on 127.0.0.1" in log and "shutting down" in log
