@@ -14,6 +14,19 @@ from service.tensors import decode_stream, encode_all
 
 MODEL_NAMES = {"linear": pb.LINEAR, "logistic": pb.LOGISTIC, "softmax": pb.SOFTMAX, "mlp": pb.MLP}
 DTYPE_NAMES = {"float32": pb.FLOAT32, "float64": pb.FLOAT64}
+OPTIMIZER_NAMES = {"sgd": pb.SGD, "momentum": pb.MOMENTUM, "adam": pb.ADAM, "adamw": pb.ADAMW}
+SCHEDULE_NAMES = {"constant": pb.CONSTANT, "step": pb.STEP, "cosine": pb.COSINE}
+SPLIT_NAMES = {"all": pb.ALL, "train": pb.TRAIN, "holdout": pb.HOLDOUT}
+
+
+def optimizer(kind: str = "sgd", **fields) -> pb.Optimizer:
+    """An Optimizer message: optimizer("adam", beta2=0.99, weight_decay=1e-4)."""
+    return pb.Optimizer(kind=OPTIMIZER_NAMES[kind], **fields)
+
+
+def schedule(kind: str = "constant", **fields) -> pb.Schedule:
+    """A Schedule message: schedule("cosine", total_steps=1000, warmup_steps=50)."""
+    return pb.Schedule(kind=SCHEDULE_NAMES[kind], **fields)
 
 
 def _batch(rows) -> pb.Batch:
@@ -56,19 +69,24 @@ class Client:
     def create_job(self, model: str, *, shards: int = 1, dtype: str = "float32", seed: int = 0,
                    learning_rate: float = 0.1, batch_size: int = 0, l2: float = 0.0, hidden: int = 0,
                    activation: str = "relu", rows: int = 0, features: int = 0, outputs: int = 0,
-                   npz_path: str | None = None, cpus_per_shard: float = 0.0) -> pb.Job:
-        """Create a job on synthetic data (rows, features, outputs) or on a server-side .npz file.
+                   npz_path: str | None = None, dataset_id: str | None = None, cpus_per_shard: float = 0.0,
+                   optimizer: pb.Optimizer | None = None, schedule: pb.Schedule | None = None,
+                   clip_norm: float = 0.0, holdout_fraction: float = 0.0) -> pb.Job:
+        """Create a job on synthetic data (rows, features, outputs), a server-side .npz file or an upload.
 
-        With npz_path, `outputs` is the number of classes (0: the largest label + 1).
+        With npz_path or dataset_id, `outputs` is the number of classes (0: the largest label + 1).
         """
         if npz_path is not None:
             data = pb.DataSource(npz_path=npz_path, classes=outputs)
+        elif dataset_id is not None:
+            data = pb.DataSource(dataset_id=dataset_id, classes=outputs)
         else:
             data = pb.DataSource(synthetic=pb.SyntheticData(rows=rows, features=features, outputs=outputs))
         request = pb.CreateJobRequest(
             model=MODEL_NAMES[model], hidden=hidden, activation=pb.TANH if activation == "tanh" else pb.RELU,
             shards=shards, dtype=DTYPE_NAMES[dtype], seed=seed, learning_rate=learning_rate,
-            batch_size=batch_size, l2=l2, data=data, cpus_per_shard=cpus_per_shard)
+            batch_size=batch_size, l2=l2, data=data, cpus_per_shard=cpus_per_shard, optimizer=optimizer,
+            schedule=schedule, clip_norm=clip_norm, holdout_fraction=holdout_fraction)
         return self.stub.CreateJob(request, timeout=self.timeout)
 
     def get_job(self, job_id: str) -> pb.Job:
@@ -109,8 +127,30 @@ class Client:
         return self.stub.Step(pb.StepRequest(job_id=job_id, steps=steps, learning_rate=learning_rate),
                               timeout=self.timeout)
 
-    def evaluate(self, job_id: str, rows=None) -> pb.EvaluateResponse:
-        return self.stub.Evaluate(pb.EvaluateRequest(job_id=job_id, batch=_batch(rows)), timeout=self.timeout)
+    def train(self, job_id: str, steps: int = 0, epochs: int = 0, eval_every: int = 0,
+              learning_rate: float = 0.0) -> Iterator[pb.TrainEvent]:
+        """Train for steps or epochs; one event per step. Call .cancel() on it to stop at a step boundary."""
+        return self.stub.Train(pb.TrainRequest(job_id=job_id, steps=steps, epochs=epochs, eval_every=eval_every,
+                                               learning_rate=learning_rate), timeout=self.timeout)
+
+    def evaluate(self, job_id: str, rows=None, split: str = "all") -> pb.EvaluateResponse:
+        return self.stub.Evaluate(pb.EvaluateRequest(job_id=job_id, batch=_batch(rows), split=SPLIT_NAMES[split]),
+                                  timeout=self.timeout)
+
+    # --- data sets ----------------------------------------------------------------
+    def upload_dataset(self, X: np.ndarray, y: np.ndarray, name: str = "", classes: int = 0) -> pb.Dataset:
+        """Stream X (rows, features) and y (rows,) to the server in chunks of at most 1 MiB."""
+        def requests():
+            yield pb.UploadDatasetRequest(name=name, classes=classes)
+            for chunk in encode_all({"X": X, "y": y}):
+                yield pb.UploadDatasetRequest(chunk=chunk)
+        return self.stub.UploadDataset(requests(), timeout=self.timeout)
+
+    def list_datasets(self) -> list[pb.Dataset]:
+        return list(self.stub.ListDatasets(pb.ListDatasetsRequest(), timeout=self.timeout).datasets)
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        self.stub.DeleteDataset(pb.DeleteDatasetRequest(dataset_id=dataset_id), timeout=self.timeout)
 
     def check_gradient(self, job_id: str, coords_per_shard: int = 0, indices=None, h: float = 0.0,
                        seed: int = 0, rows=None, worst: int = 0) -> pb.CheckGradientResponse:

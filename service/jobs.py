@@ -10,10 +10,12 @@ import numpy as np
 
 from service.errors import NotFound
 from service.shard_group import ShardGroup
-from workers.data import prepare_labels
+from workers.data import holdout_split, prepare_labels
 from workers.models import ModelSpec
 from workers.npz import describe, open_array
+from workers.optimizers import OptimizerConfig
 from workers.plan import ShardPlan
+from workers.schedules import Schedule
 from workers.shard import DataSpec
 
 DTYPES = ("float32", "float64")
@@ -36,6 +38,10 @@ class JobConfig:
     batch_size: int = 0        # 0 = full batch
     l2: float = 0.0
     cpus_per_shard: float = 0.0
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: Schedule = Schedule()
+    clip_norm: float = 0.0     # 0 = no clipping; else clip the global gradient norm to this
+    holdout_fraction: float = 0.0   # rows held out of training, for evaluation
 
 
 def _check_positive_finite(name: str, value: float) -> None:
@@ -54,6 +60,10 @@ def resolve(config: JobConfig) -> tuple[ModelSpec, np.ndarray | None]:
         raise ValueError(f"cpus_per_shard must be >= 0, got {config.cpus_per_shard}")
     if config.shards < 1:
         raise ValueError(f"shards must be >= 1, got {config.shards}")
+    if not (math.isfinite(config.clip_norm) and config.clip_norm >= 0):
+        raise ValueError(f"clip_norm must be finite and >= 0 (0 = off), got {config.clip_norm}")
+    if not (math.isfinite(config.holdout_fraction) and 0 <= config.holdout_fraction < 1):
+        raise ValueError(f"holdout_fraction must be in [0, 1), got {config.holdout_fraction}")
     data = config.data
     if data.kind == "synthetic":
         if data.rows < 1:
@@ -105,10 +115,24 @@ class Job:
     node_ids: list[str]
     step: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    train_rows: np.ndarray | None = None      # None: every row trains
+    holdout_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def __post_init__(self) -> None:
+        self.train_rows, self.holdout_rows = holdout_split(self.config.seed, self.rows,
+                                                           self.config.holdout_fraction)
 
     @property
     def rows(self) -> int:
         return int(self.y.shape[0])
+
+    @property
+    def n_train(self) -> int:
+        return self.rows if self.train_rows is None else len(self.train_rows)
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.config.schedule
 
 
 class JobRegistry:

@@ -14,6 +14,7 @@ from gradshard.v1 import gradshard_pb2 as pb
 from gradshard.v1 import gradshard_pb2_grpc as pb_grpc
 from service.config import Settings
 from service.coordinator import Coordinator
+from service.datasets import DatasetStore
 from service.runtime import start_ray
 from service.servicer import GradShardServicer
 
@@ -47,7 +48,8 @@ def set_serving(health_servicer: health.HealthServicer) -> None:
 
 def serve(settings: Settings, ready: threading.Event | None = None) -> None:
     """Run until SIGTERM or SIGINT: listen first (NOT_SERVING), start Ray, then SERVING."""
-    coordinator = Coordinator(call_timeout_s=settings.call_timeout_s)
+    datasets = DatasetStore(settings.data_dir or None, settings.max_data_bytes)
+    coordinator = Coordinator(call_timeout_s=settings.call_timeout_s, datasets=datasets)
     server, port, health_servicer = create_server(coordinator, settings.address, settings.workers)
     log.info("listening on %s:%d (NOT_SERVING until Ray is up)", settings.host, port)
     start_ray(settings)

@@ -17,14 +17,12 @@ from gradshard.v1 import gradshard_pb2 as pb
 from gradshard.v1 import gradshard_pb2_grpc as pb_grpc
 from service import errors
 from service.coordinator import Coordinator
-from service.jobs import Job, JobConfig
-from service.tensors import TensorAssembler, dtype_from_pb, dtype_to_pb, encode, encode_all
-from workers.shard import DataSpec
+from service.convert import (config_from_pb, dataset_to_pb, evaluation_to_pb, job_to_pb, report_to_pb,
+                             split_from_pb, train_event_to_pb)
+from service.tensors import FirstChunkCheck, TensorAssembler, encode, encode_all, expect_shapes
 
 log = logging.getLogger(__name__)
 
-MODELS = {pb.LINEAR: "linear", pb.LOGISTIC: "logistic", pb.SOFTMAX: "softmax", pb.MLP: "mlp"}
-ACTIVATIONS = {pb.ACTIVATION_UNSPECIFIED: "relu", pb.RELU: "relu", pb.TANH: "tanh"}
 _STATUS = [
     (errors.NotFound, grpc.StatusCode.NOT_FOUND),
     (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
@@ -73,66 +71,27 @@ def _rows(batch: pb.Batch) -> np.ndarray | None:
     return np.fromiter(batch.rows, np.int64, len(batch.rows)) if len(batch.rows) else None
 
 
-def config_from_pb(r: pb.CreateJobRequest) -> JobConfig:
-    if r.model not in MODELS:
-        raise ValueError(f"model must be one of LINEAR, LOGISTIC, SOFTMAX, MLP, got "
-                         f"{pb.Model.Name(r.model) if r.model in pb.Model.values() else r.model}")
-    if r.activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be RELU or TANH, got {r.activation}")
-    dtype = "float32" if r.dtype == pb.DTYPE_UNSPECIFIED else str(dtype_from_pb(r.dtype))
-    if dtype not in ("float32", "float64"):
-        raise ValueError(f"dtype must be FLOAT32 or FLOAT64, got {pb.DType.Name(r.dtype)}")
-    which = r.data.WhichOneof("source")
-    if which == "synthetic":
-        s = r.data.synthetic
-        data, features, outputs = DataSpec("synthetic", rows=s.rows, seed=r.seed), s.features, s.outputs
-    elif which == "npz_path":
-        data, features, outputs = DataSpec("npz", path=r.data.npz_path), 0, r.data.classes
-    else:
-        raise ValueError("data is required: set data.synthetic or data.npz_path")
-    return JobConfig(model=MODELS[r.model], data=data, features=features, outputs=outputs, hidden=r.hidden,
-                     activation=ACTIVATIONS[r.activation], shards=r.shards, dtype=dtype, seed=r.seed,
-                     learning_rate=r.learning_rate or 0.1, batch_size=r.batch_size, l2=r.l2,
-                     cpus_per_shard=r.cpus_per_shard)
-
-
-def job_to_pb(job: Job) -> pb.Job:
-    c, spec = job.config, job.spec
-    model = {v: k for k, v in MODELS.items()}[c.model]
-    if c.data.kind == "synthetic":
-        data = pb.DataSource(synthetic=pb.SyntheticData(rows=c.data.rows, features=spec.n_features,
-                                                        outputs=spec.n_outputs))
-    else:
-        data = pb.DataSource(npz_path=c.data.path, classes=spec.n_outputs if spec.loss == "softmax_ce" else 0)
-    shards = [pb.ShardInfo(index=s, unit_begin=u.begin, unit_end=u.end, param_begin=p.begin, param_end=p.end,
-                           node_id=job.node_ids[s])
-              for s, (u, p) in enumerate(zip(job.plan.units, job.plan.param_slices()))]
-    return pb.Job(job_id=job.job_id, model=model, hidden=spec.n_hidden,
-                  activation=pb.TANH if spec.activation == "tanh" else pb.RELU,
-                  dtype=dtype_to_pb(np.dtype(c.dtype)), seed=c.seed, learning_rate=c.learning_rate,
-                  batch_size=c.batch_size, l2=c.l2, n_params=spec.n_params, rows=job.rows,
-                  features=spec.n_features, outputs=spec.n_outputs, step=job.step,
-                  tensors=[pb.TensorInfo(name=n, shape=s) for n, s in spec.tensor_shapes().items()],
-                  shards=shards, data=data, cpus_per_shard=c.cpus_per_shard)
-
-
 class GradShardServicer(pb_grpc.GradShardServicer):
     """Translates between protobuf and the numpy coordinator."""
 
     def __init__(self, coordinator: Coordinator) -> None:
         self.coordinator = coordinator
 
+    def _job_pb(self, job_id: str) -> pb.Job:
+        job = self.coordinator.jobs.get(job_id)
+        return job_to_pb(job, self.coordinator.shard_steps(job_id))
+
     @_unary
     def CreateJob(self, request, context):
-        return job_to_pb(self.coordinator.create_job(config_from_pb(request)))
+        return self._job_pb(self.coordinator.create_job(config_from_pb(request)).job_id)
 
     @_unary
     def GetJob(self, request, context):
-        return job_to_pb(self.coordinator.jobs.get(request.job_id))
+        return self._job_pb(request.job_id)
 
     @_unary
     def ListJobs(self, request, context):
-        return pb.ListJobsResponse(jobs=[job_to_pb(j) for j in self.coordinator.jobs.all()])
+        return pb.ListJobsResponse(jobs=[self._job_pb(j.job_id) for j in self.coordinator.jobs.all()])
 
     @_unary
     def DeleteJob(self, request, context):
@@ -147,22 +106,15 @@ class GradShardServicer(pb_grpc.GradShardServicer):
 
     @_unary
     def SetParameters(self, request_iterator, context):
-        job_id, tensors = self._read_tensors(request_iterator, lambda r: r.chunk, lambda r: r.HasField("chunk"))
-        return job_to_pb(self.coordinator.set_params(job_id, tensors))
+        first, tensors = self._read_job_tensors(request_iterator, "chunk")
+        return job_to_pb(self.coordinator.set_params(first.job_id, tensors),
+                         self.coordinator.shard_steps(first.job_id))
 
     @_streaming
     def ComputeGradient(self, request_iterator, context):
-        first: list[pb.GradientRequest] = []
-
-        def remember(r):
-            if not first:
-                first.append(r)
-            return r.parameters
-
-        job_id, params = self._read_tensors(request_iterator, remember, lambda r: r.HasField("parameters"))
-        head = first[0]
-        job = self.coordinator.jobs.get(job_id)
-        result = self.coordinator.gradient(job_id, _rows(head.batch), params or None)
+        head, params = self._read_job_tensors(request_iterator, "parameters")
+        job = self.coordinator.jobs.get(head.job_id)
+        result = self.coordinator.gradient(head.job_id, _rows(head.batch), params or None)
         yield pb.GradientResponse(summary=pb.GradientSummary(
             loss=result.loss, grad_norm=result.grad_norm, rows=result.rows, step=result.step,
             shard_seconds=result.shard_seconds))
@@ -172,30 +124,34 @@ class GradShardServicer(pb_grpc.GradShardServicer):
 
     @_streaming
     def Step(self, request, context):
-        for r in self.coordinator.step(request.job_id, request.steps, request.learning_rate):
-            yield pb.StepReport(step=r.step, loss=r.loss, grad_norm=r.grad_norm, seconds=r.seconds,
-                                shard_seconds=r.shard_seconds, bytes_to_shards=r.bytes_to_shards,
-                                bytes_from_shards=r.bytes_from_shards, batch_rows=r.batch_rows,
-                                epoch=r.epoch, learning_rate=r.learning_rate)
+        for report in self.coordinator.step(request.job_id, request.steps, request.learning_rate):
+            yield report_to_pb(report)
+            if not context.is_active():   # the client went away: stop at this step boundary
+                return
+
+    @_streaming
+    def Train(self, request, context):
+        r = request
+        for event in self.coordinator.train(r.job_id, r.steps, r.epochs, r.eval_every, r.learning_rate):
+            yield train_event_to_pb(event)
+            if not context.is_active():
+                return
 
     @_unary
     def Evaluate(self, request, context):
-        loss, acc, rows, step = self.coordinator.evaluate(request.job_id, _rows(request.batch))
-        out = pb.EvaluateResponse(loss=loss, rows=rows, step=step)
-        if acc is not None:
-            out.accuracy = acc
-        return out
+        split = split_from_pb(request.split)
+        return evaluation_to_pb(self.coordinator.evaluate(request.job_id, _rows(request.batch), split))
 
     @_unary
     def CheckGradient(self, request, context):
         r = request
         job = self.coordinator.jobs.get(r.job_id)
+        n_worst = r.worst or 5
+        if n_worst < 0:
+            raise ValueError(f"worst must be >= 0, got {r.worst}")
         indices = np.fromiter(r.indices, np.int64, len(r.indices)) if len(r.indices) else None
         result = self.coordinator.check_gradient(r.job_id, r.coords_per_shard, indices, r.h, r.seed,
                                                  _rows(r.batch))
-        n_worst = r.worst or 5
-        if n_worst < 0:
-            raise ValueError(f"worst must be >= 0, got {n_worst}")
         out = pb.CheckGradientResponse(loss=result.loss, h=result.h)
         for s in result.shards:
             abs_e, rel_e = s.abs_error, s.rel_error
@@ -213,21 +169,56 @@ class GradShardServicer(pb_grpc.GradShardServicer):
         out.checked = sum(s.checked for s in out.shards)
         return out
 
-    def _read_tensors(self, requests: Iterator, chunk_of: Callable, has_chunk: Callable
-                      ) -> tuple[str, dict[str, np.ndarray]]:
-        """Read a client stream whose first message names the job and whose messages carry chunks."""
-        job_id, assembler = "", None
+    @_unary
+    def UploadDataset(self, request_iterator, context):
+        store = self.coordinator.datasets
+        declared = {}
+
+        def check_first(name, shape, dtype):
+            allowed = {"X": ((2,), ("float32", "float64")), "y": ((1, 2), ("float32", "float64", "int64"))}
+            if name not in allowed:
+                raise ValueError(f"unknown tensor {name!r}; an upload holds X and y")
+            ranks, dtypes = allowed[name]
+            if len(shape) not in ranks or str(dtype) not in dtypes:
+                raise ValueError(f"{name} must be {' or '.join(dtypes)} with {' or '.join(map(str, ranks))} "
+                                 f"dimensions, got {dtype} {shape}")
+            declared[name] = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            store.check_room(sum(declared.values()))
+
+        first, tensors = self._read_stream(request_iterator, "chunk", check_first)
+        missing = {"X", "y"} - set(tensors)
+        if missing:
+            raise ValueError(f"an upload needs X and y; missing {', '.join(sorted(missing))}")
+        return dataset_to_pb(store.add(first.name, tensors["X"], tensors["y"], first.classes))
+
+    @_unary
+    def ListDatasets(self, request, context):
+        return pb.ListDatasetsResponse(datasets=[dataset_to_pb(d) for d in self.coordinator.datasets.all()])
+
+    @_unary
+    def DeleteDataset(self, request, context):
+        self.coordinator.datasets.delete(request.dataset_id)
+        return pb.DeleteDatasetResponse()
+
+    def _read_job_tensors(self, requests: Iterator, field: str):
+        """A stream whose first message names the job; chunks are checked against its tensors."""
+        def check_for(first) -> FirstChunkCheck:
+            job = self.coordinator.jobs.get(first.job_id)
+            shapes = {**job.spec.tensor_shapes(), "flat": (job.spec.n_params,)}
+            return expect_shapes(shapes, np.dtype(job.config.dtype))
+        return self._read_stream(requests, field, check_for, per_job=True)
+
+    def _read_stream(self, requests: Iterator, field: str, check, per_job: bool = False):
+        """(first message, tensors) of a client stream whose messages may each carry one chunk."""
+        first, assembler = None, None
         for r in requests:
-            chunk = chunk_of(r)
-            if not job_id:
-                job_id = r.job_id
-                job = self.coordinator.jobs.get(job_id)
-                shapes = {**job.spec.tensor_shapes(), "flat": (job.spec.n_params,)}
-                assembler = TensorAssembler(shapes, np.dtype(job.config.dtype))
-            elif r.job_id and r.job_id != job_id:
-                raise ValueError(f"job_id {r.job_id!r} differs from the first message's {job_id!r}")
-            if has_chunk(r):
-                assembler.add(chunk)
-        if assembler is None:
-            raise ValueError("the request stream is empty; the first message must name job_id")
-        return job_id, assembler.finish()
+            if first is None:
+                first = r
+                assembler = TensorAssembler(check(r) if per_job else check)
+            elif per_job and r.job_id and r.job_id != first.job_id:
+                raise ValueError(f"job_id {r.job_id!r} differs from the first message's {first.job_id!r}")
+            if r.HasField(field):
+                assembler.add(getattr(r, field))
+        if first is None:
+            raise ValueError("the request stream is empty; its first message names the job or the data set")
+        return first, assembler.finish()

@@ -9,6 +9,7 @@ import numpy as np
 
 from service.errors import ResourceExhausted, ShardTimeout, ShardUnavailable
 from workers.models import ModelSpec
+from workers.optimizers import OptimizerConfig
 from workers.plan import ShardPlan
 from workers.shard import Shard
 
@@ -32,8 +33,9 @@ class ShardGroup(Protocol):
 class LocalShardGroup:
     """Shards as plain objects in this process: a fake for coordinator tests without Ray."""
 
-    def __init__(self, spec: ModelSpec, plan: ShardPlan, dtype: str, seed: int, **_: Any) -> None:
-        self.shards = [Shard(spec, plan, s, dtype, seed) for s in range(plan.n_shards)]
+    def __init__(self, spec: ModelSpec, plan: ShardPlan, dtype: str, seed: int,
+                 optimizer: OptimizerConfig = OptimizerConfig(), **_: Any) -> None:
+        self.shards = [Shard(spec, plan, s, dtype, seed, optimizer) for s in range(plan.n_shards)]
         self.n_shards = plan.n_shards
 
     def put(self, value: Any) -> Any:
@@ -59,7 +61,8 @@ class RayShardGroup:
     """One Ray actor per shard. Large shared arguments go through ray.put once."""
 
     def __init__(self, spec: ModelSpec, plan: ShardPlan, dtype: str, seed: int,
-                 cpus_per_shard: float = 0.0, timeout_s: float = 600.0) -> None:
+                 optimizer: OptimizerConfig = OptimizerConfig(), cpus_per_shard: float = 0.0,
+                 timeout_s: float = 600.0) -> None:
         import ray
 
         from workers.actor import RemoteShard
@@ -78,7 +81,8 @@ class RayShardGroup:
         else:
             threads = max(1, math.floor(total / plan.n_shards))
         options = {"num_cpus": cpus_per_shard}
-        self.actors = [RemoteShard.options(**options).remote(spec, plan, s, dtype, seed, blas_threads=threads)
+        self.actors = [RemoteShard.options(**options).remote(spec, plan, s, dtype, seed, optimizer,
+                                                             blas_threads=threads)
                        for s in range(plan.n_shards)]
         log.info("started %d shard actors, %d BLAS threads each", plan.n_shards, threads)
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -39,33 +39,50 @@ def encode_all(tensors: dict[str, np.ndarray]) -> Iterator[pb.TensorChunk]:
         yield from encode(name, array)
 
 
-class TensorAssembler:
-    """Collects chunks into arrays, checking each against the shapes the job allows.
+FirstChunkCheck = Callable[[str, tuple[int, ...], np.dtype], None]
 
-    The shape and dtype are checked on a tensor's first chunk, before anything is
-    allocated, so a client cannot make the server allocate more than the job's size.
+
+def expect_shapes(shapes: dict[str, tuple[int, ...]], dtype: np.dtype) -> FirstChunkCheck:
+    """A check that admits only the given names, each with its shape, all of one dtype."""
+    def check(name: str, shape: tuple[int, ...], got: np.dtype) -> None:
+        if name not in shapes:
+            raise ValueError(f"unknown tensor {name!r}; expected one of {', '.join(shapes)}")
+        if got != dtype:
+            raise ValueError(f"tensor {name} has dtype {got}, the job uses {np.dtype(dtype)}")
+        if shape != shapes[name]:
+            raise ValueError(f"tensor {name} has shape {shape}, expected {shapes[name]}")
+    return check
+
+
+class TensorAssembler:
+    """Collects chunks into arrays.
+
+    A tensor's first chunk is checked by `check_first` (names, shapes, dtype, size
+    budget) before anything is allocated, so a client cannot make the server allocate
+    what it would refuse; later chunks must repeat the first one's dtype and shape.
     """
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], dtype: np.dtype) -> None:
-        self.shapes, self.dtype = shapes, np.dtype(dtype)
+    def __init__(self, check_first: FirstChunkCheck) -> None:
+        self.check_first = check_first
         self._arrays: dict[str, np.ndarray] = {}
         self._received: dict[str, int] = {}
 
     def add(self, chunk: pb.TensorChunk) -> None:
         name = chunk.name
-        if name not in self.shapes:
-            raise ValueError(f"unknown tensor {name!r}; expected one of {', '.join(self.shapes)}")
         if len(chunk.data) > CHUNK_BYTES:
             raise ValueError(f"tensor {name}: a chunk holds at most {CHUNK_BYTES} bytes, got {len(chunk.data)}")
-        dtype = dtype_from_pb(chunk.dtype)
-        if dtype != self.dtype:
-            raise ValueError(f"tensor {name} has dtype {dtype}, the job uses {self.dtype}")
-        if tuple(chunk.shape) != self.shapes[name]:
-            raise ValueError(f"tensor {name} has shape {tuple(chunk.shape)}, expected {self.shapes[name]}")
+        dtype, shape = dtype_from_pb(chunk.dtype), tuple(chunk.shape)
         if name not in self._arrays:
-            self._arrays[name] = np.empty(self.shapes[name], self.dtype)
+            if any(n < 0 for n in shape):
+                raise ValueError(f"tensor {name} has a negative dimension in shape {shape}")
+            self.check_first(name, shape, dtype)
+            self._arrays[name] = np.empty(shape, dtype)
             self._received[name] = 0
-        raw = self._arrays[name].reshape(-1).view(np.uint8)
+        array = self._arrays[name]
+        if dtype != array.dtype or shape != array.shape:
+            raise ValueError(f"tensor {name}: a chunk says {dtype} {shape}, the first said {array.dtype} "
+                             f"{array.shape}")
+        raw = array.reshape(-1).view(np.uint8)
         got = self._received[name]
         if chunk.offset != got:
             raise ValueError(f"tensor {name}: chunk at offset {chunk.offset}, expected {got} (send chunks in order)")
@@ -79,9 +96,8 @@ class TensorAssembler:
         for name, array in self._arrays.items():
             if self._received[name] != array.nbytes:
                 raise ValueError(f"tensor {name} is incomplete: got {self._received[name]} of {array.nbytes} bytes")
-        # Wire order is little-endian; convert in place on a big-endian host.
-        return {n: a.view(a.dtype.newbyteorder("<")).astype(self.dtype, copy=False)
-                for n, a in self._arrays.items()}
+        # Wire order is little-endian; reinterpret, then convert on a big-endian host.
+        return {n: a.view(a.dtype.newbyteorder("<")).astype(a.dtype, copy=False) for n, a in self._arrays.items()}
 
 
 def decode_stream(chunks: Iterable[pb.TensorChunk]) -> dict[str, np.ndarray]:

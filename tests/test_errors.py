@@ -108,7 +108,7 @@ def test_malformed_chunks_are_refused(client, good_job):
            pb.TensorChunk(name="W", dtype=pb.FLOAT64, shape=[9, 4], offset=16, data=b"\0" * 8))
     expect(INVALID, "dtype must be FLOAT32 or FLOAT64, got DTYPE_UNSPECIFIED", send,
            pb.TensorChunk(name="W", shape=[9, 4], data=b"\0" * 8))
-    expect(INVALID, "first message must name job_id", client.stub.SetParameters, iter([]), timeout=30)
+    expect(INVALID, "the request stream is empty", client.stub.SetParameters, iter([]), timeout=30)
 
 
 def test_bad_batches_steps_and_checks(client, good_job):

@@ -160,7 +160,8 @@ def test_step_moves_batch_times_outputs_bytes_not_parameters(coordinator):
 @pytest.mark.parametrize("model,hidden,act,K", [MODELS[1], MODELS[2], MODELS[4]], ids=["logistic", "softmax", "mlp"])
 def test_evaluate_matches_reference_loss_and_accuracy(coordinator, model, hidden, act, K):
     job, X = make_job(coordinator, model, hidden, act, K, shards=2)
-    loss, acc, rows, step = coordinator.evaluate(job.job_id)
+    e = coordinator.evaluate(job.job_id)
+    loss, acc, rows, step = e.loss, e.accuracy, e.rows, e.step
     named = job.spec.to_named(coordinator.get_params(job.job_id))
     Z = ref.predict(model, named, X, activation=act)
     expected = np.mean((Z[:, 0] > 0) == job.y) if model == "logistic" else np.mean(Z.argmax(1) == job.y)

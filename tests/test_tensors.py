@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from gradshard.v1 import gradshard_pb2 as pb
-from service.tensors import CHUNK_BYTES, TensorAssembler, decode_stream, encode, encode_all
+from service.tensors import CHUNK_BYTES, TensorAssembler, decode_stream, encode, encode_all, expect_shapes
 
 
 def test_a_large_tensor_round_trips_in_chunks_of_at_most_one_mib():
@@ -15,7 +15,7 @@ def test_a_large_tensor_round_trips_in_chunks_of_at_most_one_mib():
     out = decode_stream(chunks)["flat"]
     np.testing.assert_array_equal(out, a)
     out[0] = 1.0                                    # the client gets a writable array
-    assembler = TensorAssembler({"flat": (1_000_003,)}, np.float32)
+    assembler = TensorAssembler(expect_shapes({"flat": (1_000_003,)}, np.float32))
     for c in chunks:
         assembler.add(c)
     np.testing.assert_array_equal(assembler.finish()["flat"], a)
@@ -47,4 +47,11 @@ def test_fortran_order_arrays_are_sent_in_c_order():
 ])
 def test_the_assembler_checks_each_chunk_before_allocating(chunk, match):
     with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):
-        TensorAssembler({"W": (2, 2)}, np.float64).add(chunk)
+        TensorAssembler(expect_shapes({"W": (2, 2)}, np.float64)).add(chunk)
+
+
+def test_later_chunks_must_repeat_the_first_shape():
+    assembler = TensorAssembler(lambda name, shape, dtype: None)
+    assembler.add(pb.TensorChunk(name="X", dtype=pb.FLOAT64, shape=[2, 3], data=b"\0" * 16))
+    with pytest.raises(ValueError, match=r"a chunk says float64 \(2, 4\), the first said float64 \(2, 3\)"):
+        assembler.add(pb.TensorChunk(name="X", dtype=pb.FLOAT64, shape=[2, 4], offset=16, data=b"\0" * 8))

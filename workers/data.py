@@ -16,7 +16,7 @@ from workers.plan import Slice
 
 BLOCK = 256
 # Purposes: separate streams from one seed.
-INIT, TEACHER, INPUTS, NOISE, ORDER = 1, 2, 3, 4, 5
+INIT, TEACHER, INPUTS, NOISE, ORDER, HOLDOUT = 1, 2, 3, 4, 5, 6
 
 
 def block_normal(seed: int, purpose: int, units: Slice, width: int) -> np.ndarray:
@@ -88,15 +88,36 @@ def prepare_labels(spec: ModelSpec, y: np.ndarray, dtype) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def batch_rows(seed: int, n_rows: int, batch_size: int, step: int) -> tuple[np.ndarray | None, int]:
-    """Rows of SGD step `step` (0-based) and its epoch; None means every row (full batch).
+def batches_per_epoch(n_rows: int, batch_size: int) -> int:
+    return 1 if batch_size <= 0 or batch_size >= n_rows else -(-n_rows // batch_size)
 
-    Each epoch draws a permutation from (seed, epoch) and cuts it into batches of
-    batch_size; the last batch of an epoch holds what is left (it may be smaller).
+
+def batch_rows(seed: int, n_rows: int, batch_size: int, step: int) -> tuple[np.ndarray | None, int]:
+    """Positions (into the n_rows training rows) of SGD step `step` (0-based), and its epoch.
+
+    None means every row (full batch). Each epoch draws a permutation from (seed,
+    epoch) and cuts it into batches of batch_size; the last batch of an epoch holds
+    what is left (it may be smaller).
     """
-    if batch_size <= 0 or batch_size >= n_rows:
-        return None, step
-    per_epoch = -(-n_rows // batch_size)
+    per_epoch = batches_per_epoch(n_rows, batch_size)
     epoch, k = divmod(step, per_epoch)
+    if per_epoch == 1:
+        return None, epoch
     order = np.random.default_rng([seed, ORDER, epoch]).permutation(n_rows)
     return order[k * batch_size: (k + 1) * batch_size], epoch
+
+
+def holdout_split(seed: int, n_rows: int, fraction: float) -> tuple[np.ndarray | None, np.ndarray]:
+    """(training rows, held-out rows), both sorted; (None, empty) when nothing is held out.
+
+    floor(fraction * rows) rows, at least 1 when fraction > 0, drawn from (seed, HOLDOUT).
+    """
+    if not (0 <= fraction < 1):
+        raise ValueError(f"holdout_fraction must be in [0, 1), got {fraction}")
+    n_out = max(1, int(fraction * n_rows)) if fraction > 0 else 0
+    if n_out == 0:
+        return None, np.zeros(0, np.int64)
+    if n_out >= n_rows:
+        raise ValueError(f"holdout_fraction {fraction} leaves no training rows out of {n_rows}")
+    order = np.random.default_rng([seed, HOLDOUT]).permutation(n_rows)
+    return np.sort(order[n_out:]), np.sort(order[:n_out])

@@ -12,6 +12,7 @@ from workers.data import TEACHER, init_theta, synthetic_inputs
 from workers.losses import loss_value
 from workers.models import ModelSpec
 from workers.npz import read_columns
+from workers.optimizers import Optimizer, OptimizerConfig
 from workers.plan import ShardPlan, Slice
 from workers.shard_math import shard_math
 
@@ -20,16 +21,18 @@ from workers.shard_math import shard_math
 class DataSpec:
     """Where a job's inputs come from: generated from a seed, or an .npz file."""
 
-    kind: str            # "synthetic" or "npz"
+    kind: str            # "synthetic", "npz", or "dataset" (an upload, turned into its npz file)
     rows: int = 0        # synthetic only
-    path: str = ""       # npz only
+    path: str = ""       # npz: the file; dataset: the data set id
     seed: int = 0        # synthetic only
+    dataset_id: str = ""  # set when an npz file is an uploaded data set
 
 
 class Shard:
     """Shard `index` of a job: owns plan.params(index) of the flat vector."""
 
-    def __init__(self, spec: ModelSpec, plan: ShardPlan, index: int, dtype: str, seed: int) -> None:
+    def __init__(self, spec: ModelSpec, plan: ShardPlan, index: int, dtype: str, seed: int,
+                 optimizer: OptimizerConfig = OptimizerConfig()) -> None:
         self.spec, self.index = spec, index
         self.dtype = np.dtype(dtype)
         self.units: Slice = plan.units[index]
@@ -39,6 +42,8 @@ class Shard:
         self.grad = np.empty_like(self.theta)                                         # (P_s,)
         self.X: np.ndarray | None = None     # (rows, d) column block, or (rows, D) for the MLP
         self._pending: tuple | None = None   # (token, theta, Xb, cache) of the last forward
+        self.optimizer = Optimizer(optimizer)  # its state covers this slice only
+        self.step = 0                          # optimizer steps applied to this slice
 
     # --- set-up -------------------------------------------------------------------
     def load(self, data: DataSpec) -> int:
@@ -79,22 +84,40 @@ class Shard:
         self._pending = (token, th, Xb, cache)
         return Z, self.math.penalty(th), time.perf_counter() - t0
 
-    def backward(self, token: int, dZ: np.ndarray, lr: float = 0.0, want_grad: bool = False
+    def backward(self, token: int, dZ: np.ndarray, want_grad: bool = False
                  ) -> tuple[float, np.ndarray | None, float]:
-        """Gradient of the slice from dZ (B, K); applies theta -= lr * grad when lr > 0.
+        """Gradient of the slice from dZ (B, K), kept for apply().
 
-        Returns (squared norm of the slice's gradient, the gradient if asked, seconds).
+        Returns (squared norm of the slice's gradient, a copy of it if asked, seconds).
         """
         t0 = time.perf_counter()
-        tok, th, Xb, cache = self._take(token)
+        _, th, Xb, cache = self._take(token)
         grad = self.grad if th.dtype == self.grad.dtype else np.empty_like(th)
         self.math.backward(th, Xb, dZ, cache, out=grad)
         sqnorm = float(np.vdot(grad, grad))
-        out = grad.copy() if want_grad else None
-        if lr > 0:
-            assert th is self.theta, "an update must apply to the shard's own parameters"
-            self.theta -= lr * grad
-        return sqnorm, out, time.perf_counter() - t0
+        return sqnorm, (grad.copy() if want_grad else None), time.perf_counter() - t0
+
+    def apply(self, step: int, lr: float, scale: float = 1.0) -> float:
+        """Optimizer step number `step` from the kept gradient times `scale`; returns seconds.
+
+        A repeated call for a step already applied does nothing, so a retried call is harmless.
+        """
+        t0 = time.perf_counter()
+        if step <= self.step:
+            return 0.0
+        if step != self.step + 1:
+            raise RuntimeError(f"shard {self.index} is at step {self.step}, asked to apply step {step}")
+        if scale != 1.0:
+            self.grad *= scale
+        self.optimizer.update(self.theta, self.grad, lr)
+        self.step = step
+        self._pending = None
+        return time.perf_counter() - t0
+
+    def backward_apply(self, token: int, dZ: np.ndarray, step: int, lr: float) -> tuple[float, None, float]:
+        """backward() and apply() in one call: one round trip when no global clipping is needed."""
+        sqnorm, _, seconds = self.backward(token, dZ)
+        return sqnorm, None, seconds + self.apply(step, lr)
 
     def check(self, token: int, Z: np.ndarray, dZ: np.ndarray, y: np.ndarray, indices: np.ndarray,
               h: float) -> tuple[np.ndarray, np.ndarray, float]:
@@ -121,6 +144,9 @@ class Shard:
     # --- parameters ---------------------------------------------------------------
     def get_params(self) -> np.ndarray:
         return self.theta.copy()
+
+    def get_step(self) -> int:
+        return self.step
 
     def set_params(self, theta: np.ndarray) -> None:
         if theta.shape != self.theta.shape or theta.dtype != self.theta.dtype:

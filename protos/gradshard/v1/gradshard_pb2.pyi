@@ -27,6 +27,28 @@ class Activation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ACTIVATION_UNSPECIFIED: _ClassVar[Activation]
     RELU: _ClassVar[Activation]
     TANH: _ClassVar[Activation]
+
+class OptimizerKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OPTIMIZER_UNSPECIFIED: _ClassVar[OptimizerKind]
+    SGD: _ClassVar[OptimizerKind]
+    MOMENTUM: _ClassVar[OptimizerKind]
+    ADAM: _ClassVar[OptimizerKind]
+    ADAMW: _ClassVar[OptimizerKind]
+
+class ScheduleKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SCHEDULE_UNSPECIFIED: _ClassVar[ScheduleKind]
+    CONSTANT: _ClassVar[ScheduleKind]
+    STEP: _ClassVar[ScheduleKind]
+    COSINE: _ClassVar[ScheduleKind]
+
+class Split(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SPLIT_UNSPECIFIED: _ClassVar[Split]
+    ALL: _ClassVar[Split]
+    TRAIN: _ClassVar[Split]
+    HOLDOUT: _ClassVar[Split]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT64: DType
@@ -39,6 +61,19 @@ MLP: Model
 ACTIVATION_UNSPECIFIED: Activation
 RELU: Activation
 TANH: Activation
+OPTIMIZER_UNSPECIFIED: OptimizerKind
+SGD: OptimizerKind
+MOMENTUM: OptimizerKind
+ADAM: OptimizerKind
+ADAMW: OptimizerKind
+SCHEDULE_UNSPECIFIED: ScheduleKind
+CONSTANT: ScheduleKind
+STEP: ScheduleKind
+COSINE: ScheduleKind
+SPLIT_UNSPECIFIED: Split
+ALL: Split
+TRAIN: Split
+HOLDOUT: Split
 
 class TensorChunk(_message.Message):
     __slots__ = ("name", "dtype", "shape", "offset", "data")
@@ -65,17 +100,19 @@ class SyntheticData(_message.Message):
     def __init__(self, rows: _Optional[int] = ..., features: _Optional[int] = ..., outputs: _Optional[int] = ...) -> None: ...
 
 class DataSource(_message.Message):
-    __slots__ = ("synthetic", "npz_path", "classes")
+    __slots__ = ("synthetic", "npz_path", "dataset_id", "classes")
     SYNTHETIC_FIELD_NUMBER: _ClassVar[int]
     NPZ_PATH_FIELD_NUMBER: _ClassVar[int]
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     synthetic: SyntheticData
     npz_path: str
+    dataset_id: str
     classes: int
-    def __init__(self, synthetic: _Optional[_Union[SyntheticData, _Mapping]] = ..., npz_path: _Optional[str] = ..., classes: _Optional[int] = ...) -> None: ...
+    def __init__(self, synthetic: _Optional[_Union[SyntheticData, _Mapping]] = ..., npz_path: _Optional[str] = ..., dataset_id: _Optional[str] = ..., classes: _Optional[int] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
-    __slots__ = ("model", "hidden", "activation", "shards", "dtype", "seed", "learning_rate", "batch_size", "l2", "data", "cpus_per_shard")
+    __slots__ = ("model", "hidden", "activation", "shards", "dtype", "seed", "learning_rate", "batch_size", "l2", "data", "cpus_per_shard", "optimizer", "schedule", "clip_norm", "holdout_fraction")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +124,10 @@ class CreateJobRequest(_message.Message):
     L2_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     CPUS_PER_SHARD_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    HOLDOUT_FRACTION_FIELD_NUMBER: _ClassVar[int]
     model: Model
     hidden: int
     activation: Activation
@@ -98,7 +139,45 @@ class CreateJobRequest(_message.Message):
     l2: float
     data: DataSource
     cpus_per_shard: float
-    def __init__(self, model: _Optional[_Union[Model, str]] = ..., hidden: _Optional[int] = ..., activation: _Optional[_Union[Activation, str]] = ..., shards: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., seed: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., l2: _Optional[float] = ..., data: _Optional[_Union[DataSource, _Mapping]] = ..., cpus_per_shard: _Optional[float] = ...) -> None: ...
+    optimizer: Optimizer
+    schedule: Schedule
+    clip_norm: float
+    holdout_fraction: float
+    def __init__(self, model: _Optional[_Union[Model, str]] = ..., hidden: _Optional[int] = ..., activation: _Optional[_Union[Activation, str]] = ..., shards: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., seed: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., l2: _Optional[float] = ..., data: _Optional[_Union[DataSource, _Mapping]] = ..., cpus_per_shard: _Optional[float] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., clip_norm: _Optional[float] = ..., holdout_fraction: _Optional[float] = ...) -> None: ...
+
+class Optimizer(_message.Message):
+    __slots__ = ("kind", "momentum", "nesterov", "beta1", "beta2", "eps", "weight_decay")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    NESTEROV_FIELD_NUMBER: _ClassVar[int]
+    BETA1_FIELD_NUMBER: _ClassVar[int]
+    BETA2_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    kind: OptimizerKind
+    momentum: float
+    nesterov: bool
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    def __init__(self, kind: _Optional[_Union[OptimizerKind, str]] = ..., momentum: _Optional[float] = ..., nesterov: _Optional[bool] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ...) -> None: ...
+
+class Schedule(_message.Message):
+    __slots__ = ("kind", "warmup_steps", "step_size", "gamma", "total_steps", "min_lr")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GAMMA_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MIN_LR_FIELD_NUMBER: _ClassVar[int]
+    kind: ScheduleKind
+    warmup_steps: int
+    step_size: int
+    gamma: float
+    total_steps: int
+    min_lr: float
+    def __init__(self, kind: _Optional[_Union[ScheduleKind, str]] = ..., warmup_steps: _Optional[int] = ..., step_size: _Optional[int] = ..., gamma: _Optional[float] = ..., total_steps: _Optional[int] = ..., min_lr: _Optional[float] = ...) -> None: ...
 
 class TensorInfo(_message.Message):
     __slots__ = ("name", "shape")
@@ -109,23 +188,25 @@ class TensorInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("index", "unit_begin", "unit_end", "param_begin", "param_end", "node_id")
+    __slots__ = ("index", "unit_begin", "unit_end", "param_begin", "param_end", "node_id", "step")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     UNIT_BEGIN_FIELD_NUMBER: _ClassVar[int]
     UNIT_END_FIELD_NUMBER: _ClassVar[int]
     PARAM_BEGIN_FIELD_NUMBER: _ClassVar[int]
     PARAM_END_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     index: int
     unit_begin: int
     unit_end: int
     param_begin: int
     param_end: int
     node_id: str
-    def __init__(self, index: _Optional[int] = ..., unit_begin: _Optional[int] = ..., unit_end: _Optional[int] = ..., param_begin: _Optional[int] = ..., param_end: _Optional[int] = ..., node_id: _Optional[str] = ...) -> None: ...
+    step: int
+    def __init__(self, index: _Optional[int] = ..., unit_begin: _Optional[int] = ..., unit_end: _Optional[int] = ..., param_begin: _Optional[int] = ..., param_end: _Optional[int] = ..., node_id: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "model", "hidden", "activation", "dtype", "seed", "learning_rate", "batch_size", "l2", "n_params", "rows", "features", "outputs", "step", "tensors", "shards", "data", "cpus_per_shard")
+    __slots__ = ("job_id", "model", "hidden", "activation", "dtype", "seed", "learning_rate", "batch_size", "l2", "n_params", "rows", "features", "outputs", "step", "tensors", "shards", "data", "cpus_per_shard", "optimizer", "schedule", "clip_norm", "holdout_fraction", "holdout_rows", "train_rows")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +225,12 @@ class Job(_message.Message):
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     CPUS_PER_SHARD_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    HOLDOUT_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    HOLDOUT_ROWS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_ROWS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     model: Model
     hidden: int
@@ -162,7 +249,13 @@ class Job(_message.Message):
     shards: _containers.RepeatedCompositeFieldContainer[ShardInfo]
     data: DataSource
     cpus_per_shard: float
-    def __init__(self, job_id: _Optional[str] = ..., model: _Optional[_Union[Model, str]] = ..., hidden: _Optional[int] = ..., activation: _Optional[_Union[Activation, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., seed: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., l2: _Optional[float] = ..., n_params: _Optional[int] = ..., rows: _Optional[int] = ..., features: _Optional[int] = ..., outputs: _Optional[int] = ..., step: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., data: _Optional[_Union[DataSource, _Mapping]] = ..., cpus_per_shard: _Optional[float] = ...) -> None: ...
+    optimizer: Optimizer
+    schedule: Schedule
+    clip_norm: float
+    holdout_fraction: float
+    holdout_rows: int
+    train_rows: int
+    def __init__(self, job_id: _Optional[str] = ..., model: _Optional[_Union[Model, str]] = ..., hidden: _Optional[int] = ..., activation: _Optional[_Union[Activation, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., seed: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., l2: _Optional[float] = ..., n_params: _Optional[int] = ..., rows: _Optional[int] = ..., features: _Optional[int] = ..., outputs: _Optional[int] = ..., step: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., data: _Optional[_Union[DataSource, _Mapping]] = ..., cpus_per_shard: _Optional[float] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., clip_norm: _Optional[float] = ..., holdout_fraction: _Optional[float] = ..., holdout_rows: _Optional[int] = ..., train_rows: _Optional[int] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -257,7 +350,7 @@ class StepRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., steps: _Optional[int] = ..., learning_rate: _Optional[float] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("step", "loss", "grad_norm", "seconds", "shard_seconds", "bytes_to_shards", "bytes_from_shards", "batch_rows", "epoch", "learning_rate")
+    __slots__ = ("step", "loss", "grad_norm", "seconds", "shard_seconds", "bytes_to_shards", "bytes_from_shards", "batch_rows", "epoch", "learning_rate", "clip_scale")
     STEP_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +361,7 @@ class StepReport(_message.Message):
     BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    CLIP_SCALE_FIELD_NUMBER: _ClassVar[int]
     step: int
     loss: float
     grad_norm: float
@@ -278,15 +372,92 @@ class StepReport(_message.Message):
     batch_rows: int
     epoch: int
     learning_rate: float
-    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., grad_norm: _Optional[float] = ..., seconds: _Optional[float] = ..., shard_seconds: _Optional[_Iterable[float]] = ..., bytes_to_shards: _Optional[int] = ..., bytes_from_shards: _Optional[int] = ..., batch_rows: _Optional[int] = ..., epoch: _Optional[int] = ..., learning_rate: _Optional[float] = ...) -> None: ...
+    clip_scale: float
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., grad_norm: _Optional[float] = ..., seconds: _Optional[float] = ..., shard_seconds: _Optional[_Iterable[float]] = ..., bytes_to_shards: _Optional[int] = ..., bytes_from_shards: _Optional[int] = ..., batch_rows: _Optional[int] = ..., epoch: _Optional[int] = ..., learning_rate: _Optional[float] = ..., clip_scale: _Optional[float] = ...) -> None: ...
+
+class TrainRequest(_message.Message):
+    __slots__ = ("job_id", "steps", "epochs", "eval_every", "learning_rate")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_EVERY_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    steps: int
+    epochs: int
+    eval_every: int
+    learning_rate: float
+    def __init__(self, job_id: _Optional[str] = ..., steps: _Optional[int] = ..., epochs: _Optional[int] = ..., eval_every: _Optional[int] = ..., learning_rate: _Optional[float] = ...) -> None: ...
+
+class TrainEvent(_message.Message):
+    __slots__ = ("report", "total_steps", "examples_per_second", "eval_loss", "eval_accuracy")
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    report: StepReport
+    total_steps: int
+    examples_per_second: float
+    eval_loss: float
+    eval_accuracy: float
+    def __init__(self, report: _Optional[_Union[StepReport, _Mapping]] = ..., total_steps: _Optional[int] = ..., examples_per_second: _Optional[float] = ..., eval_loss: _Optional[float] = ..., eval_accuracy: _Optional[float] = ...) -> None: ...
+
+class UploadDatasetRequest(_message.Message):
+    __slots__ = ("name", "classes", "chunk")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    classes: int
+    chunk: TensorChunk
+    def __init__(self, name: _Optional[str] = ..., classes: _Optional[int] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
+class Dataset(_message.Message):
+    __slots__ = ("dataset_id", "name", "rows", "features", "bytes", "label_dtype")
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    LABEL_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    dataset_id: str
+    name: str
+    rows: int
+    features: int
+    bytes: int
+    label_dtype: str
+    def __init__(self, dataset_id: _Optional[str] = ..., name: _Optional[str] = ..., rows: _Optional[int] = ..., features: _Optional[int] = ..., bytes: _Optional[int] = ..., label_dtype: _Optional[str] = ...) -> None: ...
+
+class ListDatasetsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListDatasetsResponse(_message.Message):
+    __slots__ = ("datasets",)
+    DATASETS_FIELD_NUMBER: _ClassVar[int]
+    datasets: _containers.RepeatedCompositeFieldContainer[Dataset]
+    def __init__(self, datasets: _Optional[_Iterable[_Union[Dataset, _Mapping]]] = ...) -> None: ...
+
+class DeleteDatasetRequest(_message.Message):
+    __slots__ = ("dataset_id",)
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    dataset_id: str
+    def __init__(self, dataset_id: _Optional[str] = ...) -> None: ...
+
+class DeleteDatasetResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("job_id", "batch")
+    __slots__ = ("job_id", "batch", "split")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     batch: Batch
-    def __init__(self, job_id: _Optional[str] = ..., batch: _Optional[_Union[Batch, _Mapping]] = ...) -> None: ...
+    split: Split
+    def __init__(self, job_id: _Optional[str] = ..., batch: _Optional[_Union[Batch, _Mapping]] = ..., split: _Optional[_Union[Split, str]] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
     __slots__ = ("loss", "accuracy", "rows", "step")

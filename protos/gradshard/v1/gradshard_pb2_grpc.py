@@ -75,6 +75,26 @@ class GradShardStub:
                 request_serializer=gradshard_dot_v1_dot_gradshard__pb2.StepRequest.SerializeToString,
                 response_deserializer=gradshard_dot_v1_dot_gradshard__pb2.StepReport.FromString,
                 _registered_method=True)
+        self.Train = channel.unary_stream(
+                '/gradshard.v1.GradShard/Train',
+                request_serializer=gradshard_dot_v1_dot_gradshard__pb2.TrainRequest.SerializeToString,
+                response_deserializer=gradshard_dot_v1_dot_gradshard__pb2.TrainEvent.FromString,
+                _registered_method=True)
+        self.UploadDataset = channel.stream_unary(
+                '/gradshard.v1.GradShard/UploadDataset',
+                request_serializer=gradshard_dot_v1_dot_gradshard__pb2.UploadDatasetRequest.SerializeToString,
+                response_deserializer=gradshard_dot_v1_dot_gradshard__pb2.Dataset.FromString,
+                _registered_method=True)
+        self.ListDatasets = channel.unary_unary(
+                '/gradshard.v1.GradShard/ListDatasets',
+                request_serializer=gradshard_dot_v1_dot_gradshard__pb2.ListDatasetsRequest.SerializeToString,
+                response_deserializer=gradshard_dot_v1_dot_gradshard__pb2.ListDatasetsResponse.FromString,
+                _registered_method=True)
+        self.DeleteDataset = channel.unary_unary(
+                '/gradshard.v1.GradShard/DeleteDataset',
+                request_serializer=gradshard_dot_v1_dot_gradshard__pb2.DeleteDatasetRequest.SerializeToString,
+                response_deserializer=gradshard_dot_v1_dot_gradshard__pb2.DeleteDatasetResponse.FromString,
+                _registered_method=True)
         self.Evaluate = channel.unary_unary(
                 '/gradshard.v1.GradShard/Evaluate',
                 request_serializer=gradshard_dot_v1_dot_gradshard__pb2.EvaluateRequest.SerializeToString,
@@ -150,10 +170,46 @@ class GradShardServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Step(self, request, context):
-        """Run synchronized SGD steps: forward on every shard, reduce and loss in the
-        coordinator, dZ broadcast once, each shard differentiates and updates its
-        own slice. No shard starts step k+1 before all have applied step k. One
-        StepReport is streamed per step, as it completes.
+        """Run synchronized optimizer steps: forward on every shard, reduce and loss
+        in the coordinator, dZ broadcast once, each shard differentiates and
+        updates its own slice with the job's optimizer. No shard starts step k+1
+        before all have applied step k. One StepReport is streamed per step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Train(self, request, context):
+        """Train for a number of steps or epochs, streaming one TrainEvent per step
+        (with an evaluation on the held-out rows every eval_every steps and at the
+        end). A client that cancels stops training at a step boundary: every shard
+        has applied the same steps, and GetJob shows them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadDataset(self, request_iterator, context):
+        """Upload a data set: the first message gives its name (and, for class
+        labels, the number of classes); messages carry TensorChunks of "X"
+        (rows x features, FLOAT32 or FLOAT64) and "y" (rows,; FLOAT32, FLOAT64 or
+        INT64). The set is validated (shapes, finite values, label range) and
+        stored whole or not at all. RESOURCE_EXHAUSTED when it would exceed the
+        server's data limit (declared sizes are checked before any allocation).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDatasets(self, request, context):
+        """The uploaded data sets.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDataset(self, request, context):
+        """Forget an uploaded data set (jobs already created on it keep their data).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -219,6 +275,26 @@ def add_GradShardServicer_to_server(servicer, server):
                     servicer.Step,
                     request_deserializer=gradshard_dot_v1_dot_gradshard__pb2.StepRequest.FromString,
                     response_serializer=gradshard_dot_v1_dot_gradshard__pb2.StepReport.SerializeToString,
+            ),
+            'Train': grpc.unary_stream_rpc_method_handler(
+                    servicer.Train,
+                    request_deserializer=gradshard_dot_v1_dot_gradshard__pb2.TrainRequest.FromString,
+                    response_serializer=gradshard_dot_v1_dot_gradshard__pb2.TrainEvent.SerializeToString,
+            ),
+            'UploadDataset': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadDataset,
+                    request_deserializer=gradshard_dot_v1_dot_gradshard__pb2.UploadDatasetRequest.FromString,
+                    response_serializer=gradshard_dot_v1_dot_gradshard__pb2.Dataset.SerializeToString,
+            ),
+            'ListDatasets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDatasets,
+                    request_deserializer=gradshard_dot_v1_dot_gradshard__pb2.ListDatasetsRequest.FromString,
+                    response_serializer=gradshard_dot_v1_dot_gradshard__pb2.ListDatasetsResponse.SerializeToString,
+            ),
+            'DeleteDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDataset,
+                    request_deserializer=gradshard_dot_v1_dot_gradshard__pb2.DeleteDatasetRequest.FromString,
+                    response_serializer=gradshard_dot_v1_dot_gradshard__pb2.DeleteDatasetResponse.SerializeToString,
             ),
             'Evaluate': grpc.unary_unary_rpc_method_handler(
                     servicer.Evaluate,
@@ -448,6 +524,114 @@ class GradShard:
             '/gradshard.v1.GradShard/Step',
             gradshard_dot_v1_dot_gradshard__pb2.StepRequest.SerializeToString,
             gradshard_dot_v1_dot_gradshard__pb2.StepReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Train(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gradshard.v1.GradShard/Train',
+            gradshard_dot_v1_dot_gradshard__pb2.TrainRequest.SerializeToString,
+            gradshard_dot_v1_dot_gradshard__pb2.TrainEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadDataset(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/gradshard.v1.GradShard/UploadDataset',
+            gradshard_dot_v1_dot_gradshard__pb2.UploadDatasetRequest.SerializeToString,
+            gradshard_dot_v1_dot_gradshard__pb2.Dataset.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDatasets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradshard.v1.GradShard/ListDatasets',
+            gradshard_dot_v1_dot_gradshard__pb2.ListDatasetsRequest.SerializeToString,
+            gradshard_dot_v1_dot_gradshard__pb2.ListDatasetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradshard.v1.GradShard/DeleteDataset',
+            gradshard_dot_v1_dot_gradshard__pb2.DeleteDatasetRequest.SerializeToString,
+            gradshard_dot_v1_dot_gradshard__pb2.DeleteDatasetResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,120 @@
+"""The synchronized step of DESIGN.md, as functions of one Job (the caller holds its lock).
+
+forward: every shard returns Z_s; the coordinator sums them in shard order.
+step:    loss and dZ here -> dZ put once -> every shard differentiates and updates its
+         own slice. With global-norm clipping the shards first report |g_s|^2 and then
+         receive one scale factor, so the result equals clipping the full gradient.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.jobs import Job
+from workers.data import batch_rows
+from workers.losses import loss_and_dZ
+
+_calls = itertools.count(1)   # tokens pairing a shard's forward with its backward
+
+
+@dataclass
+class Forward:
+    token: int
+    Z: np.ndarray                 # (B, K) summed output
+    y: np.ndarray                 # labels of the batch
+    penalty: float                # L2 term of the loss, summed over shards
+    shard_seconds: list[float]
+    bytes_to: int
+    bytes_from: int
+
+
+@dataclass
+class StepReport:
+    step: int                     # the job's step after this one
+    loss: float                   # before the update, on this step's batch
+    grad_norm: float              # before clipping
+    seconds: float
+    shard_seconds: list[float]
+    bytes_to_shards: int
+    bytes_from_shards: int
+    batch_rows: int
+    epoch: int
+    learning_rate: float
+    clip_scale: float = 1.0
+
+
+def sum_partials(parts: list[np.ndarray]) -> np.ndarray:
+    """Sum partial outputs in shard order (a fixed order keeps results bitwise reproducible)."""
+    total = parts[0].astype(np.result_type(*parts), copy=True)
+    for p in parts[1:]:
+        total += p
+    return total
+
+
+def check_rows(job: Job, rows: np.ndarray | None) -> np.ndarray | None:
+    """Client row indices, checked; None (every row) for an empty list."""
+    if rows is None or len(rows) == 0:
+        return None
+    rows = np.asarray(rows)
+    if rows.dtype.kind not in "iu":
+        raise ValueError(f"batch.rows must be integers, got {rows.dtype}")
+    bad = rows[(rows < 0) | (rows >= job.rows)]
+    if bad.size:
+        raise ValueError(f"batch.rows must be in [0, {job.rows}), got {int(bad[0])}")
+    return rows.astype(np.int64)
+
+
+def forward(job: Job, rows: np.ndarray | None, theta: np.ndarray | None = None, float64: bool = False) -> Forward:
+    """Partial outputs of every shard on `rows` (None: all), summed; at `theta` if given."""
+    token = next(_calls)
+    group = job.group
+    each = None
+    if theta is not None:
+        each = [{"theta": theta[s.begin:s.end]} for s in job.plan.param_slices()]
+    out = group.call("forward", token, None if rows is None else group.put(rows), float64=float64, each=each)
+    S = job.plan.n_shards
+    sent = (0 if rows is None else S * rows.nbytes) + (0 if theta is None else theta.nbytes)
+    return Forward(token, sum_partials([z for z, _, _ in out]), job.y if rows is None else job.y[rows],
+                   sum(p for _, p, _ in out), [s for _, _, s in out], sent,
+                   sum(z.nbytes + 16 for z, _, _ in out))
+
+
+def step_rows(job: Job, step: int) -> tuple[np.ndarray | None, int]:
+    """Rows of the job's step `step` (0-based) and its epoch; the training rows only."""
+    positions, epoch = batch_rows(job.config.seed, job.n_train, job.config.batch_size, step)
+    if positions is None:
+        return job.train_rows, epoch
+    return (positions if job.train_rows is None else job.train_rows[positions]), epoch
+
+
+def sgd_step(job: Job, base_lr: float = 0.0) -> StepReport:
+    """One synchronized optimizer step; base_lr overrides the job's learning rate when > 0."""
+    t0 = time.perf_counter()
+    t = job.step
+    lr = job.schedule.lr(base_lr or job.config.learning_rate, t)
+    rows, epoch = step_rows(job, t)
+    fwd = forward(job, rows)
+    loss, dZ = loss_and_dZ(job.spec.loss, fwd.Z, fwd.y)
+    group, S = job.group, job.plan.n_shards
+    dZ_ref = group.put(dZ)
+    scale, extra_bytes = 1.0, 0
+    if job.config.clip_norm > 0:
+        out = group.call("backward", fwd.token, dZ_ref)
+        norm = math.sqrt(sum(q for q, _, _ in out))
+        scale = min(1.0, job.config.clip_norm / (norm + 1e-6))       # as torch's clip_grad_norm_
+        applied = group.call("apply", t + 1, lr, scale)
+        seconds = [f + b + a for f, (_, _, b), a in zip(fwd.shard_seconds, out, applied)]
+        extra_bytes = S * 8
+    else:
+        out = group.call("backward_apply", fwd.token, dZ_ref, t + 1, lr)
+        norm = math.sqrt(sum(q for q, _, _ in out))
+        seconds = [f + b for f, (_, _, b) in zip(fwd.shard_seconds, out)]
+    job.step = t + 1
+    return StepReport(step=job.step, loss=loss + fwd.penalty, grad_norm=norm, seconds=time.perf_counter() - t0,
+                      shard_seconds=seconds, bytes_to_shards=fwd.bytes_to + S * dZ.nbytes + extra_bytes,
+                      bytes_from_shards=fwd.bytes_from + S * 8, batch_rows=len(fwd.y), epoch=epoch,
+                      learning_rate=lr, clip_scale=scale)
