@@ -1,4 +1,4 @@
-"""The `gradshard` command: serve, demo, grad and check."""
+"""The `gradshard` command: serve, demo, train, grad and check."""
 from __future__ import annotations
 
 import argparse
@@ -74,6 +74,94 @@ def _create(client: Client, a: argparse.Namespace, **extra):
     return job
 
 
+def run_training(client: Client, job, steps: int = 0, epochs: int = 0, eval_every: int = 0,
+                 every: int = 0) -> list:
+    """Train through the Train RPC with a progress bar (loss, examples/s, ETA); returns the events."""
+    events = []
+    stream = client.train(job.job_id, steps=steps, epochs=epochs, eval_every=eval_every)
+    bar = None
+    try:
+        for e in stream:
+            r = e.report
+            if bar is None:
+                bar = tqdm(total=e.total_steps, unit="step", file=sys.stdout, dynamic_ncols=True)
+            events.append(e)
+            post = {"loss": f"{r.loss:.4f}", "ex/s": f"{e.examples_per_second:,.0f}", "epoch": r.epoch}
+            if e.HasField("eval_loss"):
+                post["eval"] = f"{e.eval_loss:.4f}"
+                if e.HasField("eval_accuracy"):
+                    post["acc"] = f"{e.eval_accuracy:.3f}"
+            bar.set_postfix(post, refresh=False)
+            bar.update(1)
+            if every and (len(events) == 1 or r.step % every == 0):
+                bar.write(f"step {r.step:5d}  loss {r.loss:.4f}  lr {r.learning_rate:.3g}  {r.seconds * 1e3:6.1f} ms  "
+                          f"moved {r.bytes_to_shards:,} B to / {r.bytes_from_shards:,} B from the shards"
+                          + (f"  eval loss {e.eval_loss:.4f}" if e.HasField("eval_loss") else ""))
+    except KeyboardInterrupt:
+        stream.cancel()           # the server stops at a step boundary
+        print("\ninterrupted: training stopped at a step boundary", file=sys.stderr)
+    finally:
+        if bar is not None:
+            bar.close()
+    return events
+
+
+def save_plot(events: list, path: str) -> None:
+    """The loss curve (and held-out loss) as a PNG; needs the `plot` extra (matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install 'gradshard[plot]'") from None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([e.report.step for e in events], [e.report.loss for e in events], label="training batch loss", lw=1)
+    evals = [e for e in events if e.HasField("eval_loss")]
+    if evals:
+        ax.plot([e.report.step for e in evals], [e.eval_loss for e in evals], "o-", label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from service.client import optimizer, schedule
+
+    if (a.steps > 0) == (a.epochs > 0):
+        raise SystemExit("give exactly one of --steps or --epochs")
+    opt = optimizer(a.optimizer, weight_decay=a.weight_decay, **({"momentum": a.momentum}
+                                                                 if a.optimizer == "momentum" else {}),
+                    nesterov=a.nesterov)
+    total = a.steps or 0
+    sch = schedule(a.schedule, warmup_steps=a.warmup, step_size=a.step_size if a.schedule == "step" else 0,
+                   total_steps=a.total_steps or total if a.schedule == "cosine" else 0)
+    with connect(a.server) as client:
+        job = _create(client, a, learning_rate=a.lr, batch_size=a.batch_size, optimizer=opt, schedule=sch,
+                      clip_norm=a.clip_norm, holdout_fraction=a.holdout)
+        events = run_training(client, job, steps=a.steps, epochs=a.epochs, eval_every=a.eval_every,
+                              every=a.every)
+        if events:
+            first, last = events[0].report, events[-1].report
+            line = f"trained {len(events)} steps: batch loss {first.loss:.4f} -> {last.loss:.4f}"
+            if events[-1].HasField("eval_loss"):
+                line += f", held-out loss {events[-1].eval_loss:.4f}"
+                if events[-1].HasField("eval_accuracy"):
+                    line += f", accuracy {events[-1].eval_accuracy:.3f}"
+            print(line)
+        if a.out:
+            params = client.get_params(job.job_id)
+            np.savez(a.out, **params)
+            print(f"wrote {', '.join(params)} to {a.out}")
+        if a.plot and events:
+            save_plot(events, a.plot)
+            print(f"wrote the loss curve to {a.plot}")
+        client.delete_job(job.job_id)
+    return 0
+
+
 def cmd_grad(a: argparse.Namespace) -> int:
     with connect(a.server) as client:
         job = _create(client, a)
@@ -107,27 +195,25 @@ def cmd_check(a: argparse.Namespace) -> int:
 
 def cmd_demo(a: argparse.Namespace) -> int:
     """A 1M-parameter MLP on synthetic data, trained through the gRPC client."""
+    from service.client import optimizer
+
     with connect(a.server) as client:
         t0 = time.perf_counter()
         job = client.create_job("mlp", hidden=a.hidden, features=784, outputs=10, rows=a.rows, shards=a.shards,
-                                batch_size=a.batch_size, learning_rate=a.lr, seed=a.seed)
+                                batch_size=a.batch_size, learning_rate=a.lr, seed=a.seed,
+                                optimizer=optimizer("adam"), holdout_fraction=0.2)
         print(f"job {job.job_id}: mlp 784 -> {a.hidden} -> 10, {job.n_params:,} float32 parameters in "
               f"{len(job.shards)} shards ({', '.join(str(s.param_end - s.param_begin) for s in job.shards)}), "
               f"{job.rows} synthetic rows, created in {time.perf_counter() - t0:.1f} s")
-        first = client.evaluate(job.job_id)
-        print(f"before: loss {first.loss:.4f}, accuracy {first.accuracy:.3f}")
-        times, bar = [], tqdm(client.step(job.job_id, a.steps), total=a.steps, unit="step", file=sys.stdout)
-        for r in bar:
-            times.append(r.seconds)
-            bar.set_postfix(loss=f"{r.loss:.4f}", ms=f"{r.seconds * 1e3:.1f}", epoch=r.epoch)
-            if r.step == 1 or r.step % a.every == 0:
-                bar.write(f"step {r.step:4d}  loss {r.loss:.4f}  {r.seconds * 1e3:6.1f} ms  moved "
-                          f"{r.bytes_to_shards:,} B to and {r.bytes_from_shards:,} B from the shards "
-                          f"({r.bytes_to_shards + r.bytes_from_shards:,} B; the parameters are "
-                          f"{job.n_params * 4:,} B)")
-        last = client.evaluate(job.job_id)
-        print(f"after {a.steps} steps: loss {last.loss:.4f} (was {first.loss:.4f}), accuracy {last.accuracy:.3f}; "
-              f"median step {np.median(times) * 1e3:.1f} ms")
+        first = client.evaluate(job.job_id, split="holdout")
+        print(f"before: held-out loss {first.loss:.4f}, accuracy {first.accuracy:.3f}")
+        events = run_training(client, job, steps=a.steps, eval_every=a.every, every=a.every)
+        last = client.evaluate(job.job_id, split="holdout")
+        times = [e.report.seconds for e in events]
+        moved = events[-1].report.bytes_to_shards + events[-1].report.bytes_from_shards
+        print(f"after {len(events)} steps: held-out loss {last.loss:.4f} (was {first.loss:.4f}), accuracy "
+              f"{last.accuracy:.3f}; median step {np.median(times) * 1e3:.1f} ms, {moved:,} B moved per step "
+              f"for {job.n_params * 4:,} B of parameters")
         check = client.check_gradient(job.job_id, coords_per_shard=200, seed=a.seed)
         print(f"finite-difference check of {check.checked} coordinates: max abs error {check.max_abs_error:.2e}, "
               f"max rel error {check.max_rel_error:.2e}")
@@ -153,14 +239,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train a 1M-parameter MLP on synthetic data through the gRPC API")
     p.add_argument("--server", help="host:port of a running coordinator (default: embedded)")
     p.add_argument("--hidden", type=int, default=1264, help="hidden units (1264 gives 1,004,890 parameters)")
-    p.add_argument("--rows", type=int, default=4096)
+    p.add_argument("--rows", type=int, default=16384)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--every", type=int, default=25, help="print a line every N steps")
-    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--every", type=int, default=100, help="print a line (and evaluate) every N steps")
+    p.add_argument("--lr", type=float, default=0.001, help="Adam learning rate")
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train with a progress bar; save the parameters and the loss curve")
+    _job_args(p)
+    p.add_argument("--optimizer", choices=["sgd", "momentum", "adam", "adamw"], default="adam")
+    p.add_argument("--lr", type=float, default=0.001)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--nesterov", action="store_true")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--schedule", choices=["constant", "step", "cosine"], default="constant")
+    p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    p.add_argument("--step-size", type=int, default=100, help="step schedule: steps between decays")
+    p.add_argument("--total-steps", type=int, default=0, help="cosine length (default: --steps)")
+    p.add_argument("--clip-norm", type=float, default=0.0, help="clip the global gradient norm (0: off)")
+    p.add_argument("--steps", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="0: full batch")
+    p.add_argument("--holdout", type=float, default=0.2, help="fraction of rows held out for evaluation")
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--every", type=int, default=0, help="also print a line every N steps")
+    p.add_argument("--out", help="write the trained parameters (named tensors) to this .npz")
+    p.add_argument("--plot", help="write the loss curve to this .png (needs matplotlib)")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("grad", help="compute the loss and the gradient once")
     _job_args(p)

@@ -75,11 +75,11 @@ def test_a_client_error_is_reported_with_its_status(server):
 
 
 def test_demo_trains_and_reports_bytes(server):
-    proc = run("demo", "--server", server[0], "--hidden", "40", "--rows", "512", "--steps", "40", "--every", "20",
-               "--lr", "0.01")
-    m = re.search(r"after 40 steps: loss ([0-9.]+) \(was ([0-9.]+)\)", proc.stdout)
+    proc = run("demo", "--server", server[0], "--hidden", "40", "--rows", "2048", "--steps", "40", "--every", "20")
+    m = re.search(r"after 40 steps: held-out loss ([0-9.]+) \(was ([0-9.]+)\)", proc.stdout)
     assert m and float(m.group(1)) < float(m.group(2)), proc.stdout
-    assert re.search(r"moved [0-9,]+ B to and [0-9,]+ B from the shards", proc.stdout)
+    assert re.search(r"moved [0-9,]+ B to / [0-9,]+ B from the shards", proc.stdout)
+    assert "40/40" in proc.stdout                                       # the progress bar ran to the end
 
 
 def free_port():
@@ -107,3 +107,18 @@ def test_serve_starts_serves_and_stops_on_sigterm():
             proc.kill()
     log = proc.stdout.read()
     assert "serving on 127.0.0.1" in log and "shutting down" in log
+
+
+def test_train_shows_progress_and_writes_parameters_and_a_plot(server, data_and_params):
+    d = data_and_params[0]
+    out, plot = d / "trained.npz", d / "loss.png"
+    proc = run("train", "--server", server[0], "--model", "mlp", "--hidden", "6", "--data", str(d / "data.npz"),
+               "--optimizer", "adamw", "--lr", "0.01", "--weight-decay", "0.01", "--schedule", "cosine",
+               "--warmup", "5", "--clip-norm", "1.0", "--steps", "60", "--batch-size", "16", "--eval-every", "20",
+               "--shards", "2", "--out", str(out), "--plot", str(plot))
+    assert "60/60" in proc.stdout and "ex/s=" in proc.stdout            # the progress bar
+    m = re.search(r"trained 60 steps: batch loss ([0-9.]+) -> ([0-9.]+), held-out loss ([0-9.]+)", proc.stdout)
+    assert m, proc.stdout
+    with np.load(out) as f:
+        assert set(f.files) == {"W1", "b1", "W2", "b2"} and f["W1"].shape == (8, 6)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
