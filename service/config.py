@@ -19,12 +19,16 @@ class Settings:
     grace_s: float = 5.0           # seconds in-flight RPCs get on shutdown
     data_dir: str = ""             # where uploaded data sets are kept; "" = a new temporary directory
     max_data_bytes: int = 8 << 30  # total bytes of uploaded data sets (RESOURCE_EXHAUSTED beyond)
+    max_shards: int = 64           # shards per job; each is a process (RESOURCE_EXHAUSTED beyond)
+    max_job_bytes: int = 16 << 30  # a job's data + parameters + optimizer state in its shards
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.ray_cpus < 0 or self.object_store_mb < 0:
             raise ValueError("ray_cpus and object_store_mb must be >= 0")
+        if self.max_shards < 1 or self.max_job_bytes < 1:
+            raise ValueError("max_shards and max_job_bytes must be >= 1")
         if self.max_data_bytes < 0:
             raise ValueError(f"max_data_bytes must be >= 0, got {self.max_data_bytes}")
         if self.call_timeout_s <= 0 or self.workers < 1 or self.grace_s < 0:

@@ -106,7 +106,7 @@ def job_to_pb(job: Job, shard_steps: list[int]) -> pb.Job:
                              step_size=sch.step_size, gamma=sch.gamma, total_steps=sch.total_steps,
                              min_lr=sch.min_lr),
         clip_norm=c.clip_norm, holdout_fraction=c.holdout_fraction, holdout_rows=len(job.holdout_rows),
-        train_rows=job.n_train)
+        train_rows=job.n_train, error=job.broken)
 
 
 def report_to_pb(r: StepReport) -> pb.StepReport:

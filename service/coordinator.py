@@ -5,6 +5,7 @@ gRPC status codes. The step protocol itself is in service.step.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -17,7 +18,8 @@ import numpy as np
 
 from service.datasets import DatasetStore
 from service.fdcheck import CheckResult, check_gradient, choose_coordinates
-from service.jobs import Job, JobConfig, JobRegistry, resolve
+from service.errors import ShardUnavailable
+from service.jobs import Job, JobConfig, JobRegistry, Limits, resolve, using
 from service.params import flat_from
 from service.shard_group import RayShardGroup, ShardGroup
 from service.step import StepReport, check_rows, forward, sgd_step, sum_partials
@@ -62,8 +64,9 @@ class Coordinator:
     """Jobs and the operations on them."""
 
     def __init__(self, group_factory: GroupFactory = RayShardGroup, call_timeout_s: float = 600.0,
-                 datasets: DatasetStore | None = None) -> None:
+                 datasets: DatasetStore | None = None, limits: Limits = Limits()) -> None:
         self.jobs = JobRegistry()
+        self.limits = limits
         self.datasets = datasets or DatasetStore(None, max_bytes=8 << 30)
         self._group_factory = group_factory
         self._timeout = call_timeout_s
@@ -73,7 +76,7 @@ class Coordinator:
         if config.data.kind == "dataset":   # an uploaded set: its file, read like any .npz
             config = dataclasses.replace(config, data=DataSpec("npz", path=self.datasets.get(config.data.path).path,
                                                                dataset_id=config.data.path))
-        spec, labels = resolve(config)
+        spec, labels = resolve(config, self.limits)
         plan = spec.plan(config.shards)
         group = self._group_factory(spec, plan, config.dtype, config.seed, optimizer=config.optimizer,
                                     cpus_per_shard=config.cpus_per_shard, timeout_s=self._timeout)
@@ -91,14 +94,18 @@ class Coordinator:
         return job
 
     def shard_steps(self, job_id: str) -> list[int]:
-        """Each shard's own count of applied optimizer steps."""
+        """Each shard's own count of applied optimizer steps; -1 each when the job is unusable."""
         job = self.jobs.get(job_id)
         with job.lock:
-            return job.group.call("get_step")
+            if job.broken or job.closed:
+                return [-1] * job.plan.n_shards
+            with self._marking(job):
+                return job.group.call("get_step")
 
     def delete_job(self, job_id: str) -> None:
         job = self.jobs.pop(job_id)
         with job.lock:
+            job.closed = True
             job.group.close()
 
     def close(self) -> None:
@@ -108,7 +115,7 @@ class Coordinator:
     # --- parameters -------------------------------------------------------------------
     def get_params(self, job_id: str) -> np.ndarray:
         job = self.jobs.get(job_id)
-        with job.lock:
+        with using(job), self._marking(job):
             return np.concatenate(job.group.call("get_params"))
 
     def set_params(self, job_id: str, named: dict[str, np.ndarray]) -> Job:
@@ -118,7 +125,7 @@ class Coordinator:
         parameter's data is overwritten.
         """
         job = self.jobs.get(job_id)
-        with job.lock:
+        with using(job), self._marking(job):
             theta = flat_from(job, named, partial=True)
             job.group.call("set_params", each=[{"theta": theta[s.begin:s.end]} for s in job.plan.param_slices()])
             return job
@@ -128,7 +135,7 @@ class Coordinator:
                  params: dict[str, np.ndarray] | None = None) -> GradientResult:
         """Loss and the assembled gradient, at the job's parameters or at `params`."""
         job = self.jobs.get(job_id)
-        with job.lock:
+        with using(job), self._marking(job):
             rows = check_rows(job, rows)
             theta = flat_from(job, params, partial=False) if params else None
             fwd = forward(job, rows, theta)
@@ -146,8 +153,9 @@ class Coordinator:
             raise ValueError(f"steps must be >= 1, got {steps}")
         _check_lr(learning_rate)
         for _ in range(steps):
-            with job.lock:
-                yield sgd_step(job, learning_rate)
+            with using(job), self._marking(job):
+                report = sgd_step(job, learning_rate)
+            yield report       # outside the lock: a slow reader must not block the job
 
     def train(self, job_id: str, steps: int = 0, epochs: int = 0, eval_every: int = 0,
               learning_rate: float = 0.0) -> Iterator[TrainEvent]:
@@ -167,7 +175,7 @@ class Coordinator:
             steps = epochs * per_epoch - job.step % per_epoch
         t0, examples = time.perf_counter(), 0
         for i in range(steps):
-            with job.lock:
+            with using(job), self._marking(job):
                 report = sgd_step(job, learning_rate)
                 examples += report.batch_rows
                 evaluation = None
@@ -181,7 +189,7 @@ class Coordinator:
         job = self.jobs.get(job_id)
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        with job.lock:
+        with using(job), self._marking(job):
             rows = check_rows(job, rows)
             if rows is None and split != "all":
                 rows = job.holdout_rows if split == "holdout" else job.train_rows
@@ -194,11 +202,21 @@ class Coordinator:
         """Central differences against the analytic gradient, each shard on its own coordinates."""
         job = self.jobs.get(job_id)
         local = choose_coordinates(job, coords_per_shard, indices, seed)
-        with job.lock:
+        with using(job), self._marking(job):
             return check_gradient(job, local, h or 1e-6, check_rows(job, rows))
 
+    @staticmethod
+    @contextlib.contextmanager
+    def _marking(job: Job) -> Iterator[None]:
+        """A shard that died leaves the job unusable until deleted (recreate it)."""
+        try:
+            yield
+        except ShardUnavailable as exc:
+            job.broken = job.broken or f"a shard died ({exc})"
+            raise
+
     def _evaluate(self, job: Job, rows: np.ndarray | None) -> Evaluation:
-        fwd = forward(job, rows)
+        fwd = forward(job, rows, keep=False)
         loss, _ = loss_and_dZ(job.spec.loss, fwd.Z, fwd.y, need_grad=False)
         return Evaluation(loss + fwd.penalty, accuracy(job.spec.loss, fwd.Z, fwd.y), len(fwd.y), job.step)
 

@@ -21,8 +21,12 @@ class ResourceExhausted(GradshardError):
     """The cluster lacks the resources asked for (RESOURCE_EXHAUSTED)."""
 
 
-class ShardUnavailable(GradshardError):
-    """A shard's process died; retrying may succeed (UNAVAILABLE)."""
+class Unavailable(GradshardError):
+    """Transient: the server or a shard is not ready; retrying may succeed (UNAVAILABLE)."""
+
+
+class ShardUnavailable(Unavailable):
+    """A shard's process died during a call (UNAVAILABLE)."""
 
 
 class ShardTimeout(GradshardError):

@@ -1,14 +1,16 @@
 """A job's configuration, validated, and its live record in the coordinator."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
+from typing import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.errors import NotFound
+from service.errors import FailedPrecondition, NotFound, ResourceExhausted
 from service.shard_group import ShardGroup
 from workers.data import holdout_split, prepare_labels
 from workers.models import ModelSpec
@@ -49,15 +51,44 @@ def _check_positive_finite(name: str, value: float) -> None:
         raise ValueError(f"{name} must be finite and > 0, got {value}")
 
 
-def resolve(config: JobConfig) -> tuple[ModelSpec, np.ndarray | None]:
+@dataclass(frozen=True)
+class Limits:
+    """What one job may ask of the cluster (RESOURCE_EXHAUSTED beyond)."""
+
+    max_shards: int = 64                # shards per job (each is a process)
+    max_job_bytes: int = 16 << 30       # data + parameters + optimizer state, over all shards
+
+
+def job_bytes(spec: ModelSpec, config: JobConfig, rows: int) -> int:
+    """Bytes the shards will hold: inputs (the MLP's shards each hold all of X), parameters,
+    gradient and optimizer state."""
+    itemsize = np.dtype(config.dtype).itemsize
+    copies_of_X = config.shards if spec.is_mlp else 1
+    states = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}[config.optimizer.kind]
+    return itemsize * (rows * spec.n_features * copies_of_X + spec.n_params * (2 + states))
+
+
+def check_limits(spec: ModelSpec, config: JobConfig, rows: int, limits: Limits) -> None:
+    if config.shards > spec.n_units:   # a malformed request before a limit
+        raise ValueError(f"shards must be between 1 and {spec.n_units} (the number of units), got {config.shards}")
+    if config.shards > limits.max_shards:
+        raise ResourceExhausted(f"shards={config.shards} is more than this server allows ({limits.max_shards}; "
+                                f"server flag --max-shards)")
+    need = job_bytes(spec, config, rows)
+    if need > limits.max_job_bytes:
+        raise ResourceExhausted(f"the job needs about {need:,} bytes in its shards (data, parameters, optimizer "
+                                f"state); the limit is {limits.max_job_bytes:,} (server flag --max-job-bytes)")
+
+
+def resolve(config: JobConfig, limits: Limits = Limits()) -> tuple[ModelSpec, np.ndarray | None]:
     """Check a config and derive the model; returns (spec, labels from the file or None)."""
     if config.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {config.dtype!r}")
     _check_positive_finite("learning_rate", config.learning_rate)
     if config.batch_size < 0:
         raise ValueError(f"batch_size must be >= 0 (0 = full batch), got {config.batch_size}")
-    if not (math.isfinite(config.cpus_per_shard) and config.cpus_per_shard >= 0):
-        raise ValueError(f"cpus_per_shard must be >= 0, got {config.cpus_per_shard}")
+    if not (math.isfinite(config.cpus_per_shard) and (config.cpus_per_shard == 0 or config.cpus_per_shard >= 0.01)):
+        raise ValueError(f"cpus_per_shard must be 0 (reserve none) or >= 0.01, got {config.cpus_per_shard}")
     if config.shards < 1:
         raise ValueError(f"shards must be >= 1, got {config.shards}")
     if not (math.isfinite(config.clip_norm) and config.clip_norm >= 0):
@@ -68,8 +99,13 @@ def resolve(config: JobConfig) -> tuple[ModelSpec, np.ndarray | None]:
     if data.kind == "synthetic":
         if data.rows < 1:
             raise ValueError(f"data.synthetic.rows must be >= 1, got {data.rows}")
+        if config.features < 1:
+            raise ValueError(f"data.synthetic.features must be >= 1, got {config.features}")
+        if config.outputs < 0:
+            raise ValueError(f"data.synthetic.outputs must be >= 0, got {config.outputs}")
         outputs = config.outputs or (1 if config.model in ("linear", "logistic") else 0)
         spec = ModelSpec(config.model, config.features, outputs, config.hidden, config.activation, config.l2)
+        check_limits(spec, config, data.rows, limits)
         return spec, None
     if data.kind != "npz":
         raise ValueError("data must be synthetic or npz_path")
@@ -97,8 +133,11 @@ def resolve(config: JobConfig) -> tuple[ModelSpec, np.ndarray | None]:
     elif config.model == "logistic":
         outputs = 1
     else:
+        if config.outputs < 0:
+            raise ValueError(f"data.classes must be >= 0 (0 = the largest label + 1), got {config.outputs}")
         outputs = config.outputs or int(labels.max()) + 1
     spec = ModelSpec(config.model, X.shape[1], outputs, config.hidden, config.activation, config.l2)
+    check_limits(spec, config, X.shape[0], limits)
     return spec, prepare_labels(spec, labels, config.dtype)
 
 
@@ -116,6 +155,8 @@ class Job:
     step: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     train_rows: np.ndarray | None = None      # None: every row trains
+    closed: bool = False          # deleted: calls that still hold the object must not touch the shards
+    broken: str = ""              # why the shards may disagree (a failed step); "" when they agree
     holdout_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def __post_init__(self) -> None:
@@ -133,6 +174,17 @@ class Job:
     @property
     def schedule(self) -> Schedule:
         return self.config.schedule
+
+
+@contextlib.contextmanager
+def using(job: Job) -> Iterator[Job]:
+    """Hold the job's lock, refusing a deleted or broken job."""
+    with job.lock:
+        if job.closed:
+            raise NotFound(f"no job {job.job_id!r} (it was deleted)")
+        if job.broken:
+            raise FailedPrecondition(f"job {job.job_id} is unusable: {job.broken}; delete it and create it again")
+        yield job
 
 
 class JobRegistry:

@@ -15,6 +15,7 @@ from gradshard.v1 import gradshard_pb2_grpc as pb_grpc
 from service.config import Settings
 from service.coordinator import Coordinator
 from service.datasets import DatasetStore
+from service.jobs import Limits
 from service.runtime import start_ray
 from service.servicer import GradShardServicer
 
@@ -49,7 +50,8 @@ def set_serving(health_servicer: health.HealthServicer) -> None:
 def serve(settings: Settings, ready: threading.Event | None = None) -> None:
     """Run until SIGTERM or SIGINT: listen first (NOT_SERVING), start Ray, then SERVING."""
     datasets = DatasetStore(settings.data_dir or None, settings.max_data_bytes)
-    coordinator = Coordinator(call_timeout_s=settings.call_timeout_s, datasets=datasets)
+    limits = Limits(max_shards=settings.max_shards, max_job_bytes=settings.max_job_bytes)
+    coordinator = Coordinator(call_timeout_s=settings.call_timeout_s, datasets=datasets, limits=limits)
     server, port, health_servicer = create_server(coordinator, settings.address, settings.workers)
     log.info("listening on %s:%d (NOT_SERVING until Ray is up)", settings.host, port)
     start_ray(settings)

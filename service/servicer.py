@@ -22,12 +22,14 @@ from service.convert import (config_from_pb, dataset_to_pb, evaluation_to_pb, jo
 from service.tensors import FirstChunkCheck, TensorAssembler, encode, encode_all, expect_shapes
 
 log = logging.getLogger(__name__)
+MAX_WORST = 100   # worst coordinates listed per shard: keeps a CheckGradient answer well under 4 MiB
 
 _STATUS = [
     (errors.NotFound, grpc.StatusCode.NOT_FOUND),
     (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (errors.ShardUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (MemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.ShardTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
 ]
@@ -147,8 +149,8 @@ class GradShardServicer(pb_grpc.GradShardServicer):
         r = request
         job = self.coordinator.jobs.get(r.job_id)
         n_worst = r.worst or 5
-        if n_worst < 0:
-            raise ValueError(f"worst must be >= 0, got {r.worst}")
+        if not 0 < n_worst <= MAX_WORST:
+            raise ValueError(f"worst must be in [0, {MAX_WORST}] (0 = 5), got {r.worst}")
         indices = np.fromiter(r.indices, np.int64, len(r.indices)) if len(r.indices) else None
         result = self.coordinator.check_gradient(r.job_id, r.coords_per_shard, indices, r.h, r.seed,
                                                  _rows(r.batch))

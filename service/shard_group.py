@@ -7,7 +7,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from service.errors import ResourceExhausted, ShardTimeout, ShardUnavailable
+from service.errors import ResourceExhausted, ShardTimeout, ShardUnavailable, Unavailable
 from workers.models import ModelSpec
 from workers.optimizers import OptimizerConfig
 from workers.plan import ShardPlan
@@ -67,6 +67,8 @@ class RayShardGroup:
 
         from workers.actor import RemoteShard
 
+        if not ray.is_initialized():
+            raise Unavailable("the server is still starting Ray; retry when its health service says SERVING")
         self._ray = ray
         self.n_shards = plan.n_shards
         self.timeout_s = timeout_s

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.errors import FailedPrecondition
 from service.jobs import Job
 from workers.data import batch_rows
 from workers.losses import loss_and_dZ
@@ -60,6 +61,9 @@ def check_rows(job: Job, rows: np.ndarray | None) -> np.ndarray | None:
     if rows is None or len(rows) == 0:
         return None
     rows = np.asarray(rows)
+    if len(rows) > job.rows:
+        raise ValueError(f"batch.rows holds {len(rows)} indices; at most {job.rows} (the rows of the data) "
+                         f"are allowed")
     if rows.dtype.kind not in "iu":
         raise ValueError(f"batch.rows must be integers, got {rows.dtype}")
     bad = rows[(rows < 0) | (rows >= job.rows)]
@@ -68,14 +72,19 @@ def check_rows(job: Job, rows: np.ndarray | None) -> np.ndarray | None:
     return rows.astype(np.int64)
 
 
-def forward(job: Job, rows: np.ndarray | None, theta: np.ndarray | None = None, float64: bool = False) -> Forward:
-    """Partial outputs of every shard on `rows` (None: all), summed; at `theta` if given."""
+def forward(job: Job, rows: np.ndarray | None, theta: np.ndarray | None = None, float64: bool = False,
+            keep: bool = True) -> Forward:
+    """Partial outputs of every shard on `rows` (None: all), summed; at `theta` if given.
+
+    keep=False tells the shards not to keep what a backward would need (evaluation).
+    """
     token = next(_calls)
     group = job.group
     each = None
     if theta is not None:
         each = [{"theta": theta[s.begin:s.end]} for s in job.plan.param_slices()]
-    out = group.call("forward", token, None if rows is None else group.put(rows), float64=float64, each=each)
+    out = group.call("forward", token, None if rows is None else group.put(rows), float64=float64, keep=keep,
+                     each=each)
     S = job.plan.n_shards
     sent = (0 if rows is None else S * rows.nbytes) + (0 if theta is None else theta.nbytes)
     return Forward(token, sum_partials([z for z, _, _ in out]), job.y if rows is None else job.y[rows],
@@ -99,22 +108,35 @@ def sgd_step(job: Job, base_lr: float = 0.0) -> StepReport:
     rows, epoch = step_rows(job, t)
     fwd = forward(job, rows)
     loss, dZ = loss_and_dZ(job.spec.loss, fwd.Z, fwd.y)
+    if not (math.isfinite(loss) and np.all(np.isfinite(dZ))):
+        raise FailedPrecondition(f"the loss is {loss} at step {t + 1} (learning rate {lr:g}); nothing was applied. "
+                                 f"Set finite parameters or use a smaller learning rate")
+    try:
+        return _update(job, t, lr, loss, fwd, dZ, epoch, t0)
+    except Exception as exc:
+        # Some shards may have applied the step and others not: the job cannot go on.
+        job.broken = f"step {t + 1} failed in the shards ({type(exc).__name__}: {exc})"
+        raise
+
+
+def _update(job: Job, t: int, lr: float, loss: float, fwd: Forward, dZ: np.ndarray, epoch: int,
+            t0: float) -> StepReport:
     group, S = job.group, job.plan.n_shards
     dZ_ref = group.put(dZ)
-    scale, extra_bytes = 1.0, 0
+    scale, extra_to, extra_from = 1.0, 0, 0
     if job.config.clip_norm > 0:
         out = group.call("backward", fwd.token, dZ_ref)
         norm = math.sqrt(sum(q for q, _, _ in out))
         scale = min(1.0, job.config.clip_norm / (norm + 1e-6))       # as torch's clip_grad_norm_
         applied = group.call("apply", t + 1, lr, scale)
         seconds = [f + b + a for f, (_, _, b), a in zip(fwd.shard_seconds, out, applied)]
-        extra_bytes = S * 8
+        extra_to, extra_from = S * 16, S * 8      # (step, lr, scale) out; seconds back
     else:
         out = group.call("backward_apply", fwd.token, dZ_ref, t + 1, lr)
         norm = math.sqrt(sum(q for q, _, _ in out))
         seconds = [f + b for f, (_, _, b) in zip(fwd.shard_seconds, out)]
     job.step = t + 1
     return StepReport(step=job.step, loss=loss + fwd.penalty, grad_norm=norm, seconds=time.perf_counter() - t0,
-                      shard_seconds=seconds, bytes_to_shards=fwd.bytes_to + S * dZ.nbytes + extra_bytes,
-                      bytes_from_shards=fwd.bytes_from + S * 8, batch_rows=len(fwd.y), epoch=epoch,
+                      shard_seconds=seconds, bytes_to_shards=fwd.bytes_to + S * dZ.nbytes + extra_to,
+                      bytes_from_shards=fwd.bytes_from + S * 16 + extra_from, batch_rows=len(fwd.y), epoch=epoch,
                       learning_rate=lr, clip_scale=scale)

@@ -9,12 +9,13 @@ import numpy as np
 from gradshard.v1 import gradshard_pb2 as pb
 
 CHUNK_BYTES = 1 << 20
-_TO_PB = {np.dtype(np.float32): pb.FLOAT32, np.dtype(np.float64): pb.FLOAT64, np.dtype(np.int64): pb.INT64}
-_FROM_PB = {v: k for k, v in _TO_PB.items()}
+_TO_PB = {"float32": pb.FLOAT32, "float64": pb.FLOAT64, "int64": pb.INT64}
+_FROM_PB = {v: np.dtype(k) for k, v in _TO_PB.items()}
 
 
 def dtype_to_pb(dtype: np.dtype) -> int:
-    return _TO_PB[np.dtype(dtype)]
+    """The wire dtype of an array dtype, whatever its byte order."""
+    return _TO_PB[np.dtype(dtype).name]
 
 
 def dtype_from_pb(value: int) -> np.dtype:

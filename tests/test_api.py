@@ -161,7 +161,8 @@ def test_health_says_serving_and_reflection_lists_the_service(server):
     channel.close()
 
 
-def test_health_is_not_serving_before_ray_is_up(ray_local):
+def test_create_server_starts_not_serving_until_told(ray_local):
+    """The building block of serve(); test_cli checks the real start-up order."""
     from service.coordinator import Coordinator
     from service.server import create_server, set_serving
 

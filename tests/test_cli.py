@@ -88,7 +88,32 @@ def free_port():
         return s.getsockname()[1]
 
 
+def health_statuses_until_serving(address, timeout=90):
+    """Poll the health service from the moment the process starts; the statuses seen, in order."""
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    seen, deadline = [], time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+            except grpc.RpcError:
+                status = None                       # not listening yet
+            if status is not None and (not seen or seen[-1] != status):
+                seen.append(status)
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                return seen
+            time.sleep(0.05)
+    raise AssertionError(f"not SERVING after {timeout} s; saw {seen}")
+
+
 def test_serve_starts_serves_and_stops_on_sigterm():
+    from grpc_health.v1 import health_pb2
+
     from service.client import Client
 
     port = free_port()
@@ -96,6 +121,9 @@ def test_serve_starts_serves_and_stops_on_sigterm():
                              "--object-store-mb", "256"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "GRADSHARD_GRACE_S": "1"})
     try:
+        seen = health_statuses_until_serving(f"127.0.0.1:{port}")
+        # listening (NOT_SERVING) while Ray starts, then SERVING
+        assert seen == [health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING]
         with Client(f"127.0.0.1:{port}", timeout=60) as client:
             client.wait_until_serving(timeout=90)
             job = client.create_job("logistic", shards=2, rows=16, features=4)

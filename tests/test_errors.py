@@ -40,10 +40,15 @@ def create(client, **overrides):
     (dict(data=pb.DataSource()), "data is required"),
     (dict(data=pb.DataSource(synthetic=pb.SyntheticData(rows=0, features=4, outputs=3))),
      "data.synthetic.rows must be >= 1, got 0"),
-    (dict(data=pb.DataSource(synthetic=pb.SyntheticData(rows=5, features=0, outputs=3))), "features must be >= 1"),
+    (dict(data=pb.DataSource(synthetic=pb.SyntheticData(rows=5, features=0, outputs=3))),
+     "data.synthetic.features must be >= 1, got 0"),
     (dict(data=pb.DataSource(synthetic=pb.SyntheticData(rows=5, features=4, outputs=1))),
      "softmax needs at least 2 classes, got 1"),
     (dict(hidden=3), "hidden must be 0 for softmax, got 3"),
+    (dict(activation=pb.TANH), "activation applies to mlp only"),
+    (dict(cpus_per_shard=1e-9), "cpus_per_shard must be 0 (reserve none) or >= 0.01"),
+    (dict(data=pb.DataSource(synthetic=pb.SyntheticData(rows=5, features=4, outputs=-2))),
+     "data.synthetic.outputs must be >= 0"),
     (dict(model=pb.MLP), "hidden must be >= 1 for mlp, got 0"),
     (dict(learning_rate=-1.0), "learning_rate must be finite and > 0, got -1.0"),
     (dict(learning_rate=float("nan")), "learning_rate must be finite and > 0"),
@@ -62,7 +67,15 @@ def test_data_file_problems(client, tmp_path):
     expect(INVALID, "class labels in [0, 3)", client.create_job, "softmax", shards=2, outputs=3,
            npz_path=str(tmp_path / "labels.npz"))
     np.savez(tmp_path / "nan.npz", X=np.array([[1.0, np.nan]] * 3), y=np.array([0, 1, 1]))
-    expect(INVALID, "non-finite values", client.create_job, "logistic", shards=2, npz_path=str(tmp_path / "nan.npz"))
+    expect(INVALID, "has 3 values that are not finite in float32", client.create_job, "logistic", shards=2,
+           npz_path=str(tmp_path / "nan.npz"))
+    np.savez(tmp_path / "big.npz", X=np.array([[1.0, 1e300]] * 3), y=np.array([0, 1, 1]))   # overflows float32
+    expect(INVALID, "not finite in float32", client.create_job, "logistic", npz_path=str(tmp_path / "big.npz"))
+    np.savez_compressed(tmp_path / "corrupt.npz", X=np.random.default_rng(0).random((300, 40)), y=np.zeros(300))
+    raw = bytearray((tmp_path / "corrupt.npz").read_bytes())
+    raw[600:640] = bytes(40)                       # damage X's compressed data, not its header
+    (tmp_path / "corrupt.npz").write_bytes(bytes(raw))
+    expect(INVALID, "cannot be read", client.create_job, "linear", npz_path=str(tmp_path / "corrupt.npz"))
     np.savez(tmp_path / "noy.npz", X=np.zeros((3, 2)))
     expect(INVALID, "has no array 'y'", client.create_job, "logistic", npz_path=str(tmp_path / "noy.npz"))
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
@@ -120,11 +133,28 @@ def test_bad_batches_steps_and_checks(client, good_job):
     expect(INVALID, "h must be finite and > 0", client.check_gradient, jid, h=-1.0)
     expect(INVALID, "indices must be in [0, 40), got 40", client.check_gradient, jid, indices=[3, 40])
     expect(INVALID, "coords_per_shard must be >= 0", client.check_gradient, jid, coords_per_shard=-2)
+    expect(INVALID, "worst must be in [0, 100]", client.check_gradient, jid, worst=2 ** 62)
+    expect(INVALID, "batch.rows holds 21 indices; at most 20", client.evaluate, jid, rows=[0] * 21)
 
 
-def test_too_many_cpus_per_shard_is_resource_exhausted(client):
-    expect(grpc.StatusCode.RESOURCE_EXHAUSTED, "needs 6 CPUs", client.create_job, "softmax", shards=2, rows=5,
-           features=4, outputs=3, cpus_per_shard=3)
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(model="softmax", shards=2, rows=5, features=4, outputs=3, cpus_per_shard=3), "needs 6 CPUs"),
+    (dict(model="linear", rows=10 ** 12, features=4), "the job needs about 16,000,000,000,040 bytes"),
+    (dict(model="linear", rows=10, features=10 ** 12), "the limit is 17,179,869,184"),
+    (dict(model="softmax", rows=10, features=4, outputs=10 ** 12), "bytes in its shards"),
+    (dict(model="mlp", hidden=1000, rows=10, features=4, outputs=2, shards=65), "shards=65 is more than this server "
+                                                                             "allows (64; server flag --max-shards)"),
+])
+def test_requests_beyond_the_limits_are_resource_exhausted(client, kwargs, match):
+    expect(EXHAUSTED, match, client.create_job, kwargs.pop("model"), **kwargs)
+
+
+def test_huge_class_count_from_a_file_is_resource_exhausted(client, tmp_path):
+    np.savez(tmp_path / "labels.npz", X=np.zeros((3, 1000)), y=np.array([0, 1, 10 ** 12]))
+    expect(EXHAUSTED, "the job needs about", client.create_job, "softmax", npz_path=str(tmp_path / "labels.npz"))
 
 
 def test_after_all_bad_requests_the_job_is_intact_and_the_server_serves(client, good_job):

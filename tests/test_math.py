@@ -151,9 +151,10 @@ def test_sgd_steps_equal_plain_numpy_steps(coordinator, model, hidden, act, K, s
 def test_step_moves_batch_times_outputs_bytes_not_parameters(coordinator):
     job, _ = make_job(coordinator, "softmax", 0, "relu", 4, shards=3, batch_size=8)
     r = next(iter(coordinator.step(job.job_id, 1)))
-    # to each shard: 8 row indices (int64) and dZ (8 x 4 float64); from each: Z_s (8 x 4) and 2 scalars
+    # to each shard: 8 row indices (int64) and dZ (8 x 4 float64); from each: Z_s (8 x 4) and four 8-byte scalars
+    # (penalty and seconds from forward, squared norm and seconds from backward)
     assert r.bytes_to_shards == 3 * (8 * 8 + 8 * 4 * 8)
-    assert r.bytes_from_shards == 3 * (8 * 4 * 8 + 16) + 3 * 8
+    assert r.bytes_from_shards == 3 * (8 * 4 * 8 + 16) + 3 * 16
     assert len(r.shard_seconds) == 3 and all(s > 0 for s in r.shard_seconds)
 
 

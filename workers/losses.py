@@ -15,7 +15,8 @@ def loss_and_dZ(kind: str, Z: np.ndarray, y: np.ndarray, need_grad: bool = True
     B = Z.shape[0]
     if kind == "mse":
         R = Z - y                                        # (B, K)
-        loss = float(np.mean(R * R))
+        with np.errstate(over="ignore"):                 # an overflow is reported as loss = inf
+            loss = float(np.mean(R * R))
         return loss, (R * (2.0 / R.size)) if need_grad else None
     if kind == "bce_logits":
         z = Z[:, 0]                                      # (B,)

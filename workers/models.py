@@ -45,8 +45,11 @@ class ModelSpec:
                 raise ValueError(f"hidden must be >= 1 for mlp, got {self.n_hidden}")
             if self.activation not in ACTIVATIONS:
                 raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        elif self.n_hidden != 0:
-            raise ValueError(f"hidden must be 0 for {self.kind}, got {self.n_hidden}")
+        else:
+            if self.n_hidden != 0:
+                raise ValueError(f"hidden must be 0 for {self.kind}, got {self.n_hidden}")
+            if self.activation != "relu":
+                raise ValueError(f"activation applies to mlp only; leave it unset for {self.kind}")
         if not (np.isfinite(self.l2) and self.l2 >= 0):
             raise ValueError(f"l2 must be finite and >= 0, got {self.l2}")
 

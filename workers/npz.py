@@ -1,9 +1,11 @@
 """Header-only inspection and memory-mapped column reads of .npz data files."""
 from __future__ import annotations
 
+import functools
 import operator
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +27,19 @@ class NpzArrayInfo:
     dtype: np.dtype
     fortran_order: bool
     compressed: bool
+
+
+def _readable(fn):
+    """Turn the many ways a damaged file fails (zlib, zip, I/O) into one ValueError naming the file."""
+    @functools.wraps(fn)
+    def wrapper(path, *args, **kwargs):
+        try:
+            return fn(path, *args, **kwargs)
+        except ValueError:
+            raise
+        except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as exc:
+            raise ValueError(f"npz file {path} cannot be read: {type(exc).__name__}: {exc}") from None
+    return wrapper
 
 
 def _open_zip(path: str) -> zipfile.ZipFile:
@@ -53,6 +68,7 @@ def _npy_members(zf: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
     return {i.filename[:-4]: i for i in zf.infolist() if i.filename.endswith(".npy")}
 
 
+@_readable
 def describe(path: str) -> dict[str, NpzArrayInfo]:
     """Return every array's header info without reading any array data."""
     with _open_zip(path) as zf:
@@ -66,6 +82,7 @@ def describe(path: str) -> dict[str, NpzArrayInfo]:
         return out
 
 
+@_readable
 def open_array(path: str, name: str) -> np.ndarray:
     """Return a read-only memmap of a stored member, else load it (compressed)."""
     with _open_zip(path) as zf:
@@ -105,6 +122,7 @@ def open_array(path: str, name: str) -> np.ndarray:
                      order="F" if fortran else "C")
 
 
+@_readable
 def read_columns(path: str, name: str, begin: int, end: int, dtype) -> np.ndarray:
     """Return a C-contiguous copy of arr[:, begin:end] cast to dtype."""
     arr = open_array(path, name)

@@ -52,12 +52,14 @@ class Shard:
         if data.kind == "synthetic":
             self.X = synthetic_inputs(data.seed, data.rows, columns, self.dtype)
         elif data.kind == "npz":
-            self.X = read_columns(data.path, "X", columns.begin, columns.end, self.dtype)
+            with np.errstate(over="ignore"):
+                self.X = read_columns(data.path, "X", columns.begin, columns.end, self.dtype)
             bad = ~np.isfinite(self.X)
             if bad.any():
                 r, c = np.argwhere(bad)[0]
-                raise ValueError(f"X in {data.path} has {int(bad.sum())} non-finite values in columns "
-                                 f"[{columns.begin}, {columns.end}), first at row {r}, column {columns.begin + c}")
+                raise ValueError(f"X in {data.path} has {int(bad.sum())} values that are not finite in "
+                                 f"{self.dtype} in columns [{columns.begin}, {columns.end}), first at row {r}, "
+                                 f"column {columns.begin + c}")
         else:
             raise ValueError(f"unknown data kind {data.kind!r}")
         return int(self.X.nbytes)
@@ -69,10 +71,10 @@ class Shard:
 
     # --- one synchronized step ------------------------------------------------------
     def forward(self, token: int, rows: np.ndarray | None = None, theta: np.ndarray | None = None,
-                float64: bool = False) -> tuple[np.ndarray, float, float]:
+                float64: bool = False, keep: bool = True) -> tuple[np.ndarray, float, float]:
         """Partial output Z_s (B, K) on the batch, the slice's L2 penalty, and seconds.
 
-        Remembers what backward needs under `token`.
+        Remembers what backward needs under `token`, unless keep is False.
         """
         t0 = time.perf_counter()
         X = self._X_float64() if float64 else self.X
@@ -81,7 +83,7 @@ class Shard:
         if float64:
             th = th.astype(np.float64)
         Z, cache = self.math.forward(th, Xb)
-        self._pending = (token, th, Xb, cache)
+        self._pending = (token, th, Xb, cache) if keep else None
         return Z, self.math.penalty(th), time.perf_counter() - t0
 
     def backward(self, token: int, dZ: np.ndarray, want_grad: bool = False
@@ -94,6 +96,7 @@ class Shard:
         _, th, Xb, cache = self._take(token)
         grad = self.grad if th.dtype == self.grad.dtype else np.empty_like(th)
         self.math.backward(th, Xb, dZ, cache, out=grad)
+        self._pending = None       # the batch's copies and activations can go now
         sqnorm = float(np.vdot(grad, grad))
         return sqnorm, (grad.copy() if want_grad else None), time.perf_counter() - t0
 
@@ -107,6 +110,8 @@ class Shard:
             return 0.0
         if step != self.step + 1:
             raise RuntimeError(f"shard {self.index} is at step {self.step}, asked to apply step {step}")
+        if not np.all(np.isfinite(self.grad)):
+            raise ValueError(f"shard {self.index}: the gradient of step {step} is not finite; nothing was applied")
         if scale != 1.0:
             self.grad *= scale
         self.optimizer.update(self.theta, self.grad, lr)
@@ -128,6 +133,7 @@ class Shard:
         """
         t0 = time.perf_counter()
         _, th, Xb, cache = self._take(token)
+        self._pending = None
         analytic = self.math.backward(th, Xb, dZ, cache, out=np.empty_like(th))[indices]
         numeric = np.empty(len(indices))
         l2, kind = self.spec.l2, self.spec.loss

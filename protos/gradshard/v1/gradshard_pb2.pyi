@@ -206,7 +206,7 @@ class ShardInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., unit_begin: _Optional[int] = ..., unit_end: _Optional[int] = ..., param_begin: _Optional[int] = ..., param_end: _Optional[int] = ..., node_id: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "model", "hidden", "activation", "dtype", "seed", "learning_rate", "batch_size", "l2", "n_params", "rows", "features", "outputs", "step", "tensors", "shards", "data", "cpus_per_shard", "optimizer", "schedule", "clip_norm", "holdout_fraction", "holdout_rows", "train_rows")
+    __slots__ = ("job_id", "model", "hidden", "activation", "dtype", "seed", "learning_rate", "batch_size", "l2", "n_params", "rows", "features", "outputs", "step", "tensors", "shards", "data", "cpus_per_shard", "optimizer", "schedule", "clip_norm", "holdout_fraction", "holdout_rows", "train_rows", "error")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +231,7 @@ class Job(_message.Message):
     HOLDOUT_FRACTION_FIELD_NUMBER: _ClassVar[int]
     HOLDOUT_ROWS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_ROWS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     model: Model
     hidden: int
@@ -255,7 +256,8 @@ class Job(_message.Message):
     holdout_fraction: float
     holdout_rows: int
     train_rows: int
-    def __init__(self, job_id: _Optional[str] = ..., model: _Optional[_Union[Model, str]] = ..., hidden: _Optional[int] = ..., activation: _Optional[_Union[Activation, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., seed: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., l2: _Optional[float] = ..., n_params: _Optional[int] = ..., rows: _Optional[int] = ..., features: _Optional[int] = ..., outputs: _Optional[int] = ..., step: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., data: _Optional[_Union[DataSource, _Mapping]] = ..., cpus_per_shard: _Optional[float] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., clip_norm: _Optional[float] = ..., holdout_fraction: _Optional[float] = ..., holdout_rows: _Optional[int] = ..., train_rows: _Optional[int] = ...) -> None: ...
+    error: str
+    def __init__(self, job_id: _Optional[str] = ..., model: _Optional[_Union[Model, str]] = ..., hidden: _Optional[int] = ..., activation: _Optional[_Union[Activation, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., seed: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., l2: _Optional[float] = ..., n_params: _Optional[int] = ..., rows: _Optional[int] = ..., features: _Optional[int] = ..., outputs: _Optional[int] = ..., step: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., data: _Optional[_Union[DataSource, _Mapping]] = ..., cpus_per_shard: _Optional[float] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., clip_norm: _Optional[float] = ..., holdout_fraction: _Optional[float] = ..., holdout_rows: _Optional[int] = ..., train_rows: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)

@@ -1,0 +1,113 @@
+"""A job's life when things go wrong: deleted mid-call, a dead shard, a failed or diverging step."""
+import threading
+
+import grpc
+import numpy as np
+import pytest
+
+from service.coordinator import Coordinator
+from service.errors import FailedPrecondition, NotFound
+from service.jobs import JobConfig
+from service.shard_group import LocalShardGroup
+from workers.shard import DataSpec, Shard
+
+
+def local_job(c, rows=30, **kwargs):
+    cfg = dict(model="softmax", data=DataSpec("synthetic", rows=rows, seed=1), features=6, outputs=3, shards=3,
+               dtype="float64")
+    cfg.update(kwargs)
+    return c.create_job(JobConfig(**cfg))
+
+
+def test_deleting_a_job_during_a_long_step_ends_the_step_with_not_found(client):
+    job = client.create_job("softmax", shards=2, rows=200, features=50, outputs=3)
+    stream = client.step(job.job_id, steps=1_000_000)
+    next(stream)
+    client.delete_job(job.job_id)
+    with pytest.raises(grpc.RpcError) as e:
+        list(stream)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "was deleted" in e.value.details()
+
+
+def test_a_dead_shard_makes_the_job_unusable_with_a_clear_status(client, server, ray_local):
+    job = client.create_job("softmax", shards=2, rows=20, features=6, outputs=3)
+    ray_local.kill(server[1].jobs.get(job.job_id).group.actors[1])
+    with pytest.raises(grpc.RpcError) as e:
+        client.gradient(job.job_id)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "a shard died" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        list(client.step(job.job_id, 1))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "delete it and create it again" in e.value.details()
+    described = client.get_job(job.job_id)
+    assert "a shard died" in described.error and [s.step for s in described.shards] == [-1, -1]
+    client.delete_job(job.job_id)
+    assert job.job_id not in [j.job_id for j in client.list_jobs()]
+
+
+def test_a_step_that_fails_part_way_marks_the_job_broken(monkeypatch):
+    c = Coordinator(LocalShardGroup)
+    job = local_job(c)
+    original = Shard.backward_apply
+
+    def fail_on_shard_1(self, *args, **kwargs):
+        if self.index == 1:
+            raise RuntimeError("disk on fire")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Shard, "backward_apply", fail_on_shard_1)
+    with pytest.raises(RuntimeError):
+        list(c.step(job.job_id, 1))
+    assert "step 1 failed in the shards (RuntimeError: disk on fire)" in job.broken
+    with pytest.raises(FailedPrecondition, match="is unusable"):
+        c.gradient(job.job_id)
+
+
+def test_a_diverging_step_is_refused_before_anything_changes():
+    c = Coordinator(LocalShardGroup)
+    job = local_job(c, model="linear", outputs=1)
+    list(c.step(job.job_id, 1, learning_rate=1e200))        # finite, but the parameters are now ~1e200
+    theta = c.get_params(job.job_id)
+    assert np.all(np.isfinite(theta)) and np.abs(theta).max() > 1e100
+    with pytest.raises(FailedPrecondition, match="the loss is inf at step 2"):
+        list(c.step(job.job_id, 1, learning_rate=1e200))
+    np.testing.assert_array_equal(c.get_params(job.job_id), theta)
+    assert job.step == 1 and not job.broken
+    c.set_params(job.job_id, {"flat": np.zeros_like(theta)})        # the client can repair it
+    assert np.isfinite(next(iter(c.step(job.job_id, 1))).loss)
+
+
+def test_shards_drop_batch_copies_after_each_call():
+    c = Coordinator(LocalShardGroup)
+    job = local_job(c)
+    c.evaluate(job.job_id, rows=np.arange(30))
+    c.gradient(job.job_id, rows=np.arange(30))
+    list(c.step(job.job_id, 2))
+    c.check_gradient(job.job_id, coords_per_shard=3)
+    assert all(shard._pending is None for shard in job.group.shards)
+
+
+def test_calls_on_a_deleted_job_object_are_not_found():
+    c = Coordinator(LocalShardGroup)
+    job = local_job(c)
+    stream = c.step(job.job_id, 5)
+    next(stream)
+    done = threading.Event()
+    threading.Thread(target=lambda: (c.delete_job(job.job_id), done.set())).start()
+    done.wait(5)
+    with pytest.raises(NotFound, match="was deleted"):
+        next(stream)
+
+
+def test_bytes_per_step_do_not_depend_on_the_parameter_count():
+    c = Coordinator(LocalShardGroup)
+    moved = []
+    for features in (10, 1000, 20000):
+        job = local_job(c, features=features, batch_size=8, rows=64, dtype="float32")
+        r = next(iter(c.step(job.job_id, 1)))
+        moved.append((job.spec.n_params, r.bytes_to_shards, r.bytes_from_shards))
+        c.delete_job(job.job_id)
+    assert moved[0][0] * 1000 < moved[2][0]
+    assert {m[1:] for m in moved} == {moved[0][1:]}
+    # to each of 3 shards: 8 row indices and dZ (8 x 3 float32); back: Z_s and four scalars
+    assert moved[0][1:] == (3 * (8 * 8 + 8 * 3 * 4), 3 * (8 * 3 * 4 + 16) + 3 * 16)
