@@ -59,13 +59,13 @@ def _job_args(p: argparse.ArgumentParser) -> None:
 
 def _create(client: Client, a: argparse.Namespace, **extra):
     hidden = a.hidden if a.model == "mlp" else 0
-    outputs = a.outputs or (10 if a.model in ("softmax", "mlp") else 1)
+    common = dict(hidden=hidden, activation=a.activation if a.model == "mlp" else "relu", shards=a.shards,
+                  dtype=a.dtype, seed=a.seed, l2=a.l2, **extra)
     if a.data:
-        job = client.create_job(a.model, hidden=hidden, activation=a.activation, shards=a.shards, dtype=a.dtype,
-                                seed=a.seed, l2=a.l2, npz_path=a.data, outputs=a.outputs, **extra)
+        job = client.create_job(a.model, npz_path=a.data, outputs=a.outputs, **common)
     else:
-        job = client.create_job(a.model, hidden=hidden, activation=a.activation, shards=a.shards, dtype=a.dtype,
-                                seed=a.seed, l2=a.l2, rows=a.rows, features=a.features, outputs=outputs, **extra)
+        outputs = a.outputs or (10 if a.model in ("softmax", "mlp") else 1)
+        job = client.create_job(a.model, rows=a.rows, features=a.features, outputs=outputs, **common)
     if a.params:
         with np.load(a.params) as f:
             client.set_params(job.job_id, {k: f[k].astype(a.dtype) for k in f.files})
