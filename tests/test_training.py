@@ -181,3 +181,53 @@ def test_digits_mlp_through_the_service_matches_plain_numpy(client):
     assert abs(acc_service - acc_numpy) <= 0.01, (acc_service, acc_numpy)
     client.delete_job(job.job_id)
     client.delete_dataset(d.dataset_id)
+
+
+# --- every optimizer through gRPC and Ray ---------------------------------------------
+OPTIMIZER_CASES = {  # name: (client message, reference kwargs, schedule message, reference schedule, clip)
+    "sgd-wd": (optimizer("sgd", weight_decay=0.05), dict(kind="sgd", wd=0.05), None, dict(kind="constant"), 0.0),
+    "nesterov": (optimizer("momentum", momentum=0.8, nesterov=True), dict(kind="momentum", momentum=0.8,
+                                                                         nesterov=True),
+                 schedule("step", step_size=3, gamma=0.5, warmup_steps=2),
+                 dict(kind="step", step_size=3, gamma=0.5, warmup=2), 0.0),
+    "adam-clip": (optimizer("adam", weight_decay=0.01), dict(kind="adam", wd=0.01), None, dict(kind="constant"), 0.2),
+    "adamw-cosine-clip": (optimizer("adamw", weight_decay=0.1), dict(kind="adamw", wd=0.1),
+                          schedule("cosine", total_steps=6, warmup_steps=2, min_lr=0.001),
+                          dict(kind="cosine", total=6, warmup=2, min_lr=0.001), 0.3),
+}
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+@pytest.mark.parametrize("case", list(OPTIMIZER_CASES))
+def test_optimizers_through_the_api_equal_the_numpy_reference(client, tmp_path, case, shards):
+    from test_optimizers import RefOptimizer, ref_lr
+
+    opt_msg, opt_ref, sch_msg, sch_ref, clip = OPTIMIZER_CASES[case]
+    rng = np.random.default_rng(6)
+    X, y = rng.standard_normal((45, 8)), rng.integers(0, 3, 45)
+    np.savez(tmp_path / "d.npz", X=X, y=y)
+    lr, steps, batch, seed = 0.05, 9, 10, 3
+    job = client.create_job("mlp", hidden=5, shards=shards, dtype="float64", npz_path=str(tmp_path / "d.npz"),
+                            seed=seed, learning_rate=lr, batch_size=batch, optimizer=opt_msg, schedule=sch_msg,
+                            clip_norm=clip)
+    params = client.get_params(job.job_id)
+    events = list(client.train(job.job_id, steps=steps))
+    names = list(params)
+    flat = np.concatenate([params[k].ravel() for k in names])
+    opt = RefOptimizer(lr_of=ref_lr(lr, **sch_ref), **opt_ref)
+    for t in range(steps):
+        rows, _ = batch_rows(seed, 45, batch, t)
+        named, at = {}, 0
+        for k in names:
+            named[k] = flat[at: at + params[k].size].reshape(params[k].shape)
+            at += params[k].size
+        loss, g = ref.loss_and_grads("mlp", named, X[rows], y[rows])
+        assert events[t].report.loss == pytest.approx(loss, rel=1e-10)
+        g = np.concatenate([g[k].ravel() for k in names])
+        scale = min(1.0, clip / (np.linalg.norm(g) + 1e-6)) if clip else 1.0
+        assert events[t].report.clip_scale == pytest.approx(scale, rel=1e-12)
+        flat = opt.step(flat, g * scale)
+    got = client.get_params(job.job_id)
+    got_flat = np.concatenate([got[k].ravel() for k in names])
+    assert np.max(np.abs(got_flat - flat)) <= 1e-9 * np.max(np.abs(flat))
+    client.delete_job(job.job_id)
