@@ -10,6 +10,7 @@ wants (the flat view), and gradshard's shards compute f and the gradient.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--maxiter", type=int, default=30)
     a = p.parse_args(argv)
 
+    os.environ.setdefault("RAY_AUTH_MODE", "token")   # before ray is imported, as the CLI does
     from service.cli import connect
 
     with connect(a.server) as client:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 import time
 from typing import Iterator
@@ -285,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Ray reads RAY_AUTH_MODE when it is imported (lazily, below), and a local cluster
+    # must agree with it. Ray 2.60 turns token auth on for a local cluster anyway; we
+    # say so explicitly, so that the CLI, the tests and deployments agree. An operator
+    # sets RAY_AUTH_MODE (and RAY_AUTH_TOKEN) in the environment to join other clusters.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose or args.command == "serve" else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,6 +1,7 @@
 """Shared fixtures: one real local Ray per session, one real gRPC server per module."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))   # for `import reference`
 
-import service  # noqa: E402,F401  (sets RAY_AUTH_MODE before ray is imported)
+# Ray reads RAY_AUTH_MODE at import; set it as the CLI does, before anything imports ray.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 @pytest.fixture(scope="session")
