@@ -292,8 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     # sets RAY_AUTH_MODE (and RAY_AUTH_TOKEN) in the environment to join other clusters.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose or args.command == "serve" else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from service.logs import configure
+    configure(getattr(args, "log_format", "text"),
+              logging.INFO if args.verbose or args.command == "serve" else logging.WARNING)
     import grpc
     try:
         return args.func(args)

@@ -20,6 +20,8 @@ class Settings:
     data_dir: str = ""             # where uploaded data sets are kept; "" = a new temporary directory
     max_data_bytes: int = 8 << 30  # total bytes of uploaded data sets (RESOURCE_EXHAUSTED beyond)
     max_shards: int = 64           # shards per job; each is a process (RESOURCE_EXHAUSTED beyond)
+    metrics_port: int = 0          # Prometheus metrics on http://host:metrics_port/metrics; 0 = off
+    log_format: str = "text"       # "text", or "json": one JSON object per line with job_id and step
     max_job_bytes: int = 16 << 30  # a job's data + parameters + optimizer state in its shards
 
     def __post_init__(self) -> None:
@@ -27,6 +29,10 @@ class Settings:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.ray_cpus < 0 or self.object_store_mb < 0:
             raise ValueError("ray_cpus and object_store_mb must be >= 0")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be text or json, got {self.log_format!r}")
         if self.max_shards < 1 or self.max_job_bytes < 1:
             raise ValueError("max_shards and max_job_bytes must be >= 1")
         if self.max_data_bytes < 0:

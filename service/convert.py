@@ -19,6 +19,8 @@ OPTIMIZERS = {pb.OPTIMIZER_UNSPECIFIED: "sgd", pb.SGD: "sgd", pb.MOMENTUM: "mome
               pb.ADAMW: "adamw"}
 SCHEDULES = {pb.SCHEDULE_UNSPECIFIED: "constant", pb.CONSTANT: "constant", pb.STEP: "step", pb.COSINE: "cosine"}
 SPLITS = {pb.SPLIT_UNSPECIFIED: "all", pb.ALL: "all", pb.TRAIN: "train", pb.HOLDOUT: "holdout"}
+PLACEMENTS = {pb.PLACEMENT_UNSPECIFIED: "SPREAD", pb.PACK: "PACK", pb.SPREAD: "SPREAD",
+              pb.STRICT_SPREAD: "STRICT_SPREAD"}
 
 
 def _enum(table: dict, value: int, field: str, enum) -> str:
@@ -72,7 +74,8 @@ def config_from_pb(r: pb.CreateJobRequest) -> JobConfig:
                      learning_rate=r.learning_rate or 0.1, batch_size=r.batch_size, l2=r.l2,
                      cpus_per_shard=r.cpus_per_shard, optimizer=optimizer_from_pb(r.optimizer),
                      schedule=schedule_from_pb(r.schedule), clip_norm=r.clip_norm,
-                     holdout_fraction=r.holdout_fraction)
+                     holdout_fraction=r.holdout_fraction,
+                     placement=_enum(PLACEMENTS, r.placement, "placement", pb.Placement))
 
 
 def _key(table: dict, value: str) -> int:
@@ -106,7 +109,7 @@ def job_to_pb(job: Job, shard_steps: list[int]) -> pb.Job:
                              step_size=sch.step_size, gamma=sch.gamma, total_steps=sch.total_steps,
                              min_lr=sch.min_lr),
         clip_norm=c.clip_norm, holdout_fraction=c.holdout_fraction, holdout_rows=len(job.holdout_rows),
-        train_rows=job.n_train, error=job.broken)
+        train_rows=job.n_train, error=job.broken, placement=_key(PLACEMENTS, c.placement))
 
 
 def report_to_pb(r: StepReport) -> pb.StepReport:

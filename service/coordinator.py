@@ -19,6 +19,7 @@ import numpy as np
 from service.datasets import DatasetStore
 from service.fdcheck import CheckResult, check_gradient, choose_coordinates
 from service.errors import ShardUnavailable
+from service.metrics import Metrics
 from service.jobs import Job, JobConfig, JobRegistry, Limits, resolve, using
 from service.params import flat_from
 from service.shard_group import RayShardGroup, ShardGroup
@@ -64,8 +65,11 @@ class Coordinator:
     """Jobs and the operations on them."""
 
     def __init__(self, group_factory: GroupFactory = RayShardGroup, call_timeout_s: float = 600.0,
-                 datasets: DatasetStore | None = None, limits: Limits = Limits()) -> None:
+                 datasets: DatasetStore | None = None, limits: Limits = Limits(),
+                 placement_timeout_s: float = 30.0, metrics: Metrics | None = None) -> None:
         self.jobs = JobRegistry()
+        self.metrics = metrics
+        self._placement_timeout = placement_timeout_s
         self.limits = limits
         self.datasets = datasets or DatasetStore(None, max_bytes=8 << 30)
         self._group_factory = group_factory
@@ -79,7 +83,8 @@ class Coordinator:
         spec, labels = resolve(config, self.limits)
         plan = spec.plan(config.shards)
         group = self._group_factory(spec, plan, config.dtype, config.seed, optimizer=config.optimizer,
-                                    cpus_per_shard=config.cpus_per_shard, timeout_s=self._timeout)
+                                    cpus_per_shard=config.cpus_per_shard, timeout_s=self._timeout,
+                                    placement=config.placement, placement_timeout_s=self._placement_timeout)
         try:
             group.call("load", config.data)
             if labels is None:   # synthetic: a teacher in the shards labels the rows
@@ -90,7 +95,10 @@ class Coordinator:
             group.close()
             raise
         self.jobs.add(job)
-        log.info("created %s: %s, %d params, %d shards", job.job_id, spec.kind, spec.n_params, plan.n_shards)
+        if self.metrics:
+            self.metrics.job_created(job.job_id, plan.n_shards)
+        log.info("created %s: %s, %d params, %d shards", job.job_id, spec.kind, spec.n_params, plan.n_shards,
+                 extra={"job_id": job.job_id})
         return job
 
     def shard_steps(self, job_id: str) -> list[int]:
@@ -107,6 +115,9 @@ class Coordinator:
         with job.lock:
             job.closed = True
             job.group.close()
+        if self.metrics:
+            self.metrics.job_deleted(job_id)
+        log.info("deleted %s", job_id, extra={"job_id": job_id})
 
     def close(self) -> None:
         for job in self.jobs.all():
@@ -155,6 +166,7 @@ class Coordinator:
         for _ in range(steps):
             with using(job), self._marking(job):
                 report = sgd_step(job, learning_rate)
+            self._observe(job, report)
             yield report       # outside the lock: a slow reader must not block the job
 
     def train(self, job_id: str, steps: int = 0, epochs: int = 0, eval_every: int = 0,
@@ -174,6 +186,8 @@ class Coordinator:
             per_epoch = batches_per_epoch(job.n_train, job.config.batch_size)
             steps = epochs * per_epoch - job.step % per_epoch
         t0, examples = time.perf_counter(), 0
+        log.info("training %s for %d steps from step %d", job.job_id, steps, job.step,
+                 extra={"job_id": job.job_id, "step": job.step})
         for i in range(steps):
             with using(job), self._marking(job):
                 report = sgd_step(job, learning_rate)
@@ -182,6 +196,10 @@ class Coordinator:
                 last = i == steps - 1
                 if len(job.holdout_rows) and (last or (eval_every and report.step % eval_every == 0)):
                     evaluation = self._evaluate(job, job.holdout_rows)
+            self._observe(job, report)
+            if evaluation is not None:
+                log.info("%s step %d: held-out loss %.6g", job.job_id, report.step, evaluation.loss,
+                         extra={"job_id": job.job_id, "step": report.step})
             yield TrainEvent(report, steps, examples / (time.perf_counter() - t0), evaluation)
 
     def evaluate(self, job_id: str, rows: np.ndarray | None = None, split: str = "all") -> Evaluation:
@@ -205,6 +223,12 @@ class Coordinator:
         with using(job), self._marking(job):
             return check_gradient(job, local, h or 1e-6, check_rows(job, rows))
 
+    def _observe(self, job: Job, r: StepReport) -> None:
+        log.debug("%s step %d: loss %.6g, %.1f ms", job.job_id, r.step, r.loss, r.seconds * 1e3,
+                  extra={"job_id": job.job_id, "step": r.step})
+        if self.metrics:
+            self.metrics.observe_step(job.job_id, r.seconds, r.shard_seconds, r.bytes_to_shards, r.bytes_from_shards)
+
     @staticmethod
     @contextlib.contextmanager
     def _marking(job: Job) -> Iterator[None]:
@@ -213,6 +237,7 @@ class Coordinator:
             yield
         except ShardUnavailable as exc:
             job.broken = job.broken or f"a shard died ({exc})"
+            log.warning("%s is unusable: %s", job.job_id, job.broken, extra={"job_id": job.job_id, "step": job.step})
             raise
 
     def _evaluate(self, job: Job, rows: np.ndarray | None) -> Evaluation:

@@ -44,6 +44,7 @@ class JobConfig:
     schedule: Schedule = Schedule()
     clip_norm: float = 0.0     # 0 = no clipping; else clip the global gradient norm to this
     holdout_fraction: float = 0.0   # rows held out of training, for evaluation
+    placement: str = "SPREAD"  # Ray placement-group strategy of the shards: PACK, SPREAD, STRICT_SPREAD
 
 
 def _check_positive_finite(name: str, value: float) -> None:

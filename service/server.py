@@ -16,6 +16,7 @@ from service.config import Settings
 from service.coordinator import Coordinator
 from service.datasets import DatasetStore
 from service.jobs import Limits
+from service.metrics import Metrics
 from service.runtime import start_ray
 from service.servicer import GradShardServicer
 
@@ -51,8 +52,12 @@ def serve(settings: Settings, ready: threading.Event | None = None) -> None:
     """Run until SIGTERM or SIGINT: listen first (NOT_SERVING), start Ray, then SERVING."""
     datasets = DatasetStore(settings.data_dir or None, settings.max_data_bytes)
     limits = Limits(max_shards=settings.max_shards, max_job_bytes=settings.max_job_bytes)
-    coordinator = Coordinator(call_timeout_s=settings.call_timeout_s, datasets=datasets, limits=limits)
+    metrics = Metrics()
+    coordinator = Coordinator(call_timeout_s=settings.call_timeout_s, datasets=datasets, limits=limits,
+                              metrics=metrics)
     server, port, health_servicer = create_server(coordinator, settings.address, settings.workers)
+    if settings.metrics_port:
+        log.info("metrics on http://%s:%d/metrics", settings.host, metrics.serve(settings.metrics_port, settings.host))
     log.info("listening on %s:%d (NOT_SERVING until Ray is up)", settings.host, port)
     start_ray(settings)
     set_serving(health_servicer)

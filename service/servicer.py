@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from typing import Callable, Iterator
 
 import grpc
@@ -42,30 +43,42 @@ def _status_of(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
+def _abort(servicer, method: str, context: grpc.ServicerContext, exc: Exception) -> None:
     code = _status_of(exc)
+    if servicer.metrics:
+        servicer.metrics.failed_calls.labels(method, code.name).inc()
     if code == grpc.StatusCode.INTERNAL:
-        log.exception("internal error")
+        log.exception("internal error in %s", method, extra={"method": method, "code": code.name})
+    else:
+        log.info("%s refused: %s", method, exc, extra={"method": method, "code": code.name})
     context.abort(code, str(exc) if code != grpc.StatusCode.INTERNAL else f"internal error: {exc!r}")
 
 
 def _unary(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapper(self, request, context):
+        t0 = time.perf_counter()
         try:
             return method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
-            _abort(context, exc)
+            _abort(self, method.__name__, context, exc)
+        finally:
+            if self.metrics:
+                self.metrics.rpc_seconds.labels(method.__name__).observe(time.perf_counter() - t0)
     return wrapper
 
 
 def _streaming(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapper(self, request, context):
+        t0 = time.perf_counter()
         try:
             yield from method(self, request, context)
         except Exception as exc:  # noqa: BLE001
-            _abort(context, exc)
+            _abort(self, method.__name__, context, exc)
+        finally:
+            if self.metrics:
+                self.metrics.rpc_seconds.labels(method.__name__).observe(time.perf_counter() - t0)
     return wrapper
 
 
@@ -78,6 +91,7 @@ class GradShardServicer(pb_grpc.GradShardServicer):
 
     def __init__(self, coordinator: Coordinator) -> None:
         self.coordinator = coordinator
+        self.metrics = coordinator.metrics
 
     def _job_pb(self, job_id: str) -> pb.Job:
         job = self.coordinator.jobs.get(job_id)

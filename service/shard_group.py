@@ -15,6 +15,9 @@ from workers.shard import Shard
 
 log = logging.getLogger(__name__)
 INLINE_BYTES = 64 << 10
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD")
+BUNDLE_CPU_FLOOR = 0.01       # the bundle of a shard that reserves no CPU (cpus_per_shard = 0)
+PLACEMENT_TIMEOUT_S = 30.0
 
 
 class ShardGroup(Protocol):
@@ -59,17 +62,22 @@ class LocalShardGroup:
 
 
 class RayShardGroup:
-    """One Ray actor per shard. Large shared arguments go through ray.put once."""
+    """One Ray actor per shard, placed by a placement group with the job's strategy."""
 
     def __init__(self, spec: ModelSpec, plan: ShardPlan, dtype: str, seed: int,
                  optimizer: OptimizerConfig = OptimizerConfig(), cpus_per_shard: float = 0.0,
-                 timeout_s: float = 600.0) -> None:
+                 timeout_s: float = 600.0, placement: str = "SPREAD",
+                 placement_timeout_s: float = PLACEMENT_TIMEOUT_S) -> None:
         import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from workers.actor import RemoteShard
 
         if not ray.is_initialized():
             raise Unavailable("the server is still starting Ray; retry when its health service says SERVING")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
         self._ray = ray
         self.n_shards = plan.n_shards
         self.timeout_s = timeout_s
@@ -83,11 +91,25 @@ class RayShardGroup:
             threads = max(1, math.floor(cpus_per_shard))
         else:
             threads = max(1, math.floor(total / plan.n_shards))
-        options = {"num_cpus": cpus_per_shard}
-        self.actors = [RemoteShard.options(**options).remote(spec, plan, s, dtype, seed, optimizer,
-                                                             blas_threads=threads)
-                       for s in range(plan.n_shards)]
-        log.info("started %d shard actors, %d BLAS threads each", plan.n_shards, threads)
+        # A bundle cannot be empty: a shard that reserves no CPU still takes a token share.
+        bundle = {"CPU": cpus_per_shard or BUNDLE_CPU_FLOOR}
+        self._pg = placement_group([bundle] * plan.n_shards, strategy=placement)
+        try:
+            ray.get(self._pg.ready(), timeout=placement_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self._pg)
+            nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+            raise ResourceExhausted(
+                f"cannot place {plan.n_shards} shards with placement {placement} (each needs {bundle}) within "
+                f"{placement_timeout_s:g} s; the cluster has {nodes} live nodes and {total:g} CPUs") from None
+        self._remove_pg = remove_placement_group
+        self.actors = [
+            RemoteShard.options(
+                num_cpus=cpus_per_shard,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=s),
+            ).remote(spec, plan, s, dtype, seed, optimizer, blas_threads=threads)
+            for s in range(plan.n_shards)]
+        log.info("started %d shard actors (%s), %d BLAS threads each", plan.n_shards, placement, threads)
 
     def put(self, value: Any) -> Any:
         # Small arrays travel inside the call itself (Ray inlines arguments under 100 KiB);
@@ -109,6 +131,9 @@ class RayShardGroup:
         for actor in self.actors:
             self._ray.kill(actor)
         self.actors = []
+        if self._pg is not None:
+            self._remove_pg(self._pg)
+            self._pg = None
 
     def _get(self, refs: list, method: str) -> list:
         exc = self._ray.exceptions

@@ -1,4 +1,5 @@
 """The `gradshard` command, run as a user would: a subprocess, against our server or embedded."""
+import json
 import os
 import re
 import signal
@@ -116,9 +117,9 @@ def test_serve_starts_serves_and_stops_on_sigterm():
 
     from service.client import Client
 
-    port = free_port()
-    proc = subprocess.Popen([*GRADSHARD, "serve", "--port", str(port), "--ray-cpus", "2",
-                             "--object-store-mb", "256"], cwd=ROOT, stdout=subprocess.PIPE,
+    port, metrics_port = free_port(), free_port()
+    proc = subprocess.Popen([*GRADSHARD, "serve", "--port", str(port), "--ray-cpus", "2", "--object-store-mb", "256",
+                             "--metrics-port", str(metrics_port), "--log-format", "json"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "GRADSHARD_GRACE_S": "1"})
     try:
         seen = health_statuses_until_serving(f"127.0.0.1:{port}")
@@ -128,13 +129,19 @@ def test_serve_starts_serves_and_stops_on_sigterm():
             client.wait_until_serving(timeout=90)
             job = client.create_job("logistic", shards=2, rows=16, features=4)
             assert client.evaluate(job.job_id).rows == 16
+            list(client.step(job.job_id, 3))
+        import urllib.request
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        assert f'gradshard_steps_total{{job_id="{job.job_id}"}} 3.0' in scraped
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
-    log = proc.stdout.read()
-    assert "serving on 127.0.0.1" in log and "shutting down" in log
+    lines = [json.loads(line) for line in proc.stdout.read().splitlines() if line.startswith("{")]
+    messages = [e["message"] for e in lines if e["logger"].startswith("service.")]
+    assert any(m.startswith("serving on 127.0.0.1") for m in messages) and "shutting down (grace 1.0 s)" in messages
+    assert any(e.get("job_id") == job.job_id for e in lines)
 
 
 def test_train_shows_progress_and_writes_parameters_and_a_plot(server, data_and_params):

@@ -1,0 +1,46 @@
+"""Shards spread over several Ray nodes (ray.cluster_utils.Cluster: three raylets on this machine).
+
+The cluster needs a Ray of its own, so tests/multinode_run.py runs in a separate process
+(this session's Ray fixture would be a second Ray in one process) and prints its findings.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def findings():
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "multinode_run.py")], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"no findings (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(lines[-1])
+
+
+def test_strict_spread_puts_every_shard_on_its_own_node(findings):
+    assert findings["nodes"] == 3
+    assert len(set(findings["shard_nodes"])) == 3
+    assert findings["placement"] == 3                         # STRICT_SPREAD, echoed by GetJob
+
+
+def test_the_gradient_over_three_nodes_equals_the_single_process_gradient(findings):
+    assert findings["max_grad_diff"] == 0.0
+
+
+def test_an_impossible_placement_is_resource_exhausted(findings):
+    code, message = findings["four_strict"]
+    assert code == "RESOURCE_EXHAUSTED" and "cannot place 4 shards with placement STRICT_SPREAD" in message
+    assert "3 live nodes" in message
+
+
+def test_removing_a_node_that_holds_a_shard_is_reported_clearly(findings):
+    first, second = findings["after_removal"]
+    assert first[0] == "UNAVAILABLE" and "a shard died" in first[1]
+    assert second[0] == "FAILED_PRECONDITION" and "delete it and create it again" in second[1]
+    assert "a shard died" in findings["job_error"]
+    assert findings["after_removal_seconds"] < 90
