@@ -4,25 +4,30 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+
+def _f(default, help: str):
+    """A settings field whose help text is the comment a reader would otherwise look for."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class Settings:
-    host: str = "127.0.0.1"        # interface to listen on; loopback unless told otherwise
-    port: int = 50051              # gRPC port; 0 picks a free one
-    ray_address: str = ""          # "" starts a local Ray in process; "auto" or "ray://host:10001" joins one
-    ray_cpus: int = 0              # CPUs of the embedded local Ray; 0 = all of this machine's
-    object_store_mb: int = 0       # object store of the embedded Ray in MiB; 0 = Ray's default
-    call_timeout_s: float = 600.0  # longest wait for the shards of one call
-    workers: int = 16              # server threads (concurrent RPCs)
-    grace_s: float = 5.0           # seconds in-flight RPCs get on shutdown
-    data_dir: str = ""             # where uploaded data sets are kept; "" = a new temporary directory
-    max_data_bytes: int = 8 << 30  # total bytes of uploaded data sets (RESOURCE_EXHAUSTED beyond)
-    max_shards: int = 64           # shards per job; each is a process (RESOURCE_EXHAUSTED beyond)
-    metrics_port: int = 0          # Prometheus metrics on http://host:metrics_port/metrics; 0 = off
-    log_format: str = "text"       # "text", or "json": one JSON object per line with job_id and step
-    max_job_bytes: int = 16 << 30  # a job's data + parameters + optimizer state in its shards
+    host: str = _f("127.0.0.1", "interface to listen on; loopback unless told otherwise")
+    port: int = _f(50051, "gRPC port; 0 picks a free one")
+    ray_address: str = _f("", "\"\" starts a local Ray in process; \"auto\" or \"ray://host:10001\" joins one")
+    ray_cpus: int = _f(0, "CPUs of the embedded local Ray; 0 = all of this machine's")
+    object_store_mb: int = _f(0, "object store of the embedded Ray in MiB; 0 = Ray's default")
+    call_timeout_s: float = _f(600.0, "longest wait for the shards of one call")
+    workers: int = _f(16, "server threads (concurrent RPCs)")
+    grace_s: float = _f(5.0, "seconds in-flight RPCs get on shutdown")
+    data_dir: str = _f("", "where uploaded data sets are kept; \"\" = a new temporary directory")
+    max_data_bytes: int = _f(8 << 30, "total bytes of uploaded data sets (RESOURCE_EXHAUSTED beyond)")
+    max_shards: int = _f(64, "shards per job; each is a process (RESOURCE_EXHAUSTED beyond)")
+    metrics_port: int = _f(0, "Prometheus metrics on http://host:metrics_port/metrics; 0 = off")
+    log_format: str = _f("text", "\"text\", or \"json\": one JSON object per line with job_id and step")
+    max_job_bytes: int = _f(16 << 30, "a job's data + parameters + optimizer state in its shards")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -52,7 +57,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         kind = {"int": int, "float": float}.get(f.type, str)
         default = kind(env) if env is not None else f.default
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default,
-                            help=f"(env GRADSHARD_{f.name.upper()}; default {default!r})")
+                            help=f"{f.metadata.get('help', '')} (env GRADSHARD_{f.name.upper()}; "
+                                 f"default {default!r})")
 
 
 def from_args(args: argparse.Namespace) -> Settings:
