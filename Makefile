@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PROTO  := protos/gradshard/v1/gradshard.proto
 
-.PHONY: setup demo test protos clean
+.PHONY: setup demo test bench protos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# Service vs in-process numpy on the workloads of bench/; writes bench/RESULTS.md (takes minutes).
+bench: $(STAMP)
+	$(VENV)/bin/gradshard bench --write bench/RESULTS.md
 
 # Regenerate the committed stubs (tests/test_protos.py fails when they drift).
 protos: $(STAMP)

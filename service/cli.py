@@ -271,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write the loss curve to this .png (needs matplotlib)")
     p.set_defaults(func=cmd_train)
 
+    sub.add_parser("bench", help="benchmark the service against in-process numpy (see bench/run.py --help)")
+
     p = sub.add_parser("grad", help="compute the loss and the gradient once")
     _job_args(p)
     p.add_argument("--out", help="write loss and named gradients to this .npz")
@@ -286,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:          # bench parses its own flags
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        from bench.run import main as bench_main
+        return bench_main(argv[1:])
     # Ray reads RAY_AUTH_MODE when it is imported (lazily, below), and a local cluster
     # must agree with it. Ray 2.60 turns token auth on for a local cluster anyway; we
     # say so explicitly, so that the CLI, the tests and deployments agree. An operator

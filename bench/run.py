@@ -1,0 +1,80 @@
+"""`make bench` / `gradshard bench`: run the workloads and print (and optionally write) the table.
+
+    python -m bench.run                      # embedded coordinator on a local Ray, print the table
+    python -m bench.run --write bench/RESULTS.md
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+def table(rows) -> str:
+    head = ("| workload | shards | params | service step ms (IQR) | reference ms | ratio | shard compute ms | "
+            "overhead ms | bytes/step | note |\n|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        ref = f"{r.reference_ms:.2f}" if r.reference_ms else "–"
+        ratio = f"{r.ratio:.2f}" if r.reference_ms else "–"
+        shard = ", ".join(f"{t:.2f}" for t in r.shard_ms) or "–"
+        lines.append(f"| {r.workload} | {r.shards} | {r.n_params:,} | {r.service_ms:.2f} ({r.service_spread_ms:.2f}) | "
+                     f"{ref} | {ratio} | {shard} | {r.overhead_ms:.2f} | {r.bytes_per_step:,} | {r.note} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="gradshard bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--write", help="also write the table and the machine to this Markdown file")
+    p.add_argument("--only", default="W1,W2,W3,W4,W5", help="comma-separated workloads")
+    a = p.parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    from bench import workloads as w
+    from service.client import Client
+    from service.coordinator import Coordinator
+    from service.runtime import start_ray
+    from service.config import Settings
+    from service.server import create_server, set_serving
+
+    start_ray(Settings())
+    coordinator = w.COORDINATOR = Coordinator()
+    server, port, health = create_server(coordinator, "127.0.0.1:0")
+    set_serving(health)
+    only = set(a.only.split(","))
+    rows = []
+    with Client(f"127.0.0.1:{port}", timeout=900) as client:
+        if "W1" in only:
+            for shards in (1, 2):
+                rows.append(w.step_workload(client, "W1 logistic, batch 256", "logistic", 999_999, 1, 0, 256, shards))
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
+        if "W2" in only:
+            for shards in (1, 2):
+                rows.append(w.step_workload(client, "W2 MLP 784-1250-10, batch 256", "mlp", 784, 10, 1250, 256,
+                                            shards))
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
+        if "W3" in only:
+            rows.append(w.client_step_ms(client))
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+        if "W4" in only:
+            rows.append(w.gradient_fetch(client))
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+        if "W5" in only:
+            for r in w.bytes_vs_params(client):
+                rows.append(r)
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
+    server.stop(0)
+    out = table(rows)
+    print()
+    print(out)
+    if a.write:
+        with open(a.write, "w") as f:
+            f.write(f"# Benchmark results\n\nMachine: {w.machine()}\n\nRun: `python -m bench.run --write {a.write}` "
+                    f"on {time.strftime('%Y-%m-%d', time.gmtime())}. Times are medians over 20 steps after 5 "
+                    f"warm-up steps (W3: 200 steps, W4: 10 fetches); IQR in brackets. The reference is the same "
+                    f"math in this process (numpy, all cores).\n\n{out}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

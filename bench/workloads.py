@@ -1,0 +1,164 @@
+"""Benchmarks: the service against an in-process numpy reference of the same math, in one run.
+
+Each workload builds a job through the real gRPC server (over the Ray it runs on) and the
+same model in this process with the same data, dtype and batch, and reports the ratio
+service / reference of the median step time over at least 10 steps after warm-up.
+"""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.client import Client
+from workers.data import init_theta, synthetic_inputs
+from workers.losses import loss_and_dZ
+from workers.models import ModelSpec
+from workers.plan import Slice
+from workers.shard_math import shard_math
+
+
+@dataclass
+class Row:
+    workload: str
+    shards: int
+    n_params: int
+    service_ms: float = 0.0
+    service_spread_ms: float = 0.0      # interquartile range
+    reference_ms: float = 0.0
+    shard_ms: list[float] = field(default_factory=list)
+    overhead_ms: float = 0.0            # service step minus the slowest shard's compute
+    bytes_per_step: int = 0
+    note: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.service_ms / self.reference_ms if self.reference_ms else float("nan")
+
+
+def _median_iqr(values: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(values, n=4)
+    return statistics.median(values), q[2] - q[0]
+
+
+def reference_step_ms(spec: ModelSpec, rows: int, seed: int, y: np.ndarray, steps: int, warmup: int = 3) -> float:
+    """One process, all parameters: forward, loss and dZ, backward, SGD update (median ms)."""
+    math_ = shard_math(spec, Slice(0, spec.n_units), True)
+    theta = init_theta(spec, Slice(0, spec.n_units), True, seed, np.float32)
+    columns = Slice(0, spec.n_features)
+    X = synthetic_inputs(seed, rows, columns, np.float32)
+    grad = np.empty_like(theta)
+    times = []
+    for k in range(warmup + steps):
+        t0 = time.perf_counter()
+        Z, cache = math_.forward(theta, X)
+        _, dZ = loss_and_dZ(spec.loss, Z, y)
+        math_.backward(theta, X, dZ, cache, out=grad)
+        np.vdot(grad, grad)
+        theta -= 0.01 * grad
+        if k >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def step_workload(client: Client, name: str, model: str, features: int, outputs: int, hidden: int, rows: int,
+                  shards: int, steps: int = 20, warmup: int = 5, seed: int = 0, reference: bool = True) -> Row:
+    job = client.create_job(model, features=features, outputs=outputs, hidden=hidden, rows=rows, shards=shards,
+                            seed=seed, learning_rate=0.01, batch_size=0)
+    try:
+        list(client.step(job.job_id, warmup))
+        reports = list(client.step(job.job_id, steps))
+        row = Row(name, shards, job.n_params)
+        row.service_ms, row.service_spread_ms = (v * 1e3 for v in _median_iqr([r.seconds for r in reports]))
+        row.shard_ms = [statistics.median(r.shard_seconds[s] for r in reports) * 1e3 for s in range(shards)]
+        row.overhead_ms = statistics.median(r.seconds - max(r.shard_seconds) for r in reports) * 1e3
+        row.bytes_per_step = reports[-1].bytes_to_shards + reports[-1].bytes_from_shards
+        if reference:
+            spec = ModelSpec(model, features, outputs, hidden)
+            y = _labels(client, job)
+            row.reference_ms = reference_step_ms(spec, rows, seed, y, steps)
+        return row
+    finally:
+        client.delete_job(job.job_id)
+
+
+COORDINATOR = None   # set by bench.run: the embedded coordinator, whose labels the reference needs
+
+
+def _labels(client: Client, job) -> np.ndarray:
+    """The job's labels are not an API field; they are the coordinator's, so read them in process."""
+    return COORDINATOR.jobs.get(job.job_id).y
+
+
+def client_step_ms(client: Client, steps: int = 200) -> Row:
+    """W3: a 1,010-parameter model; the time between StepReports as the client sees them."""
+    job = client.create_job("softmax", features=100, outputs=10, rows=64, shards=2, batch_size=0)
+    try:
+        list(client.step(job.job_id, 20))
+        stamps, reports = [], []
+        for r in client.step(job.job_id, steps):
+            stamps.append(time.perf_counter())
+            reports.append(r)
+        gaps = np.diff(stamps) * 1e3
+        row = Row("W3 tiny model, end to end", 2, job.n_params)
+        row.service_ms, row.service_spread_ms = _median_iqr(list(gaps))
+        row.overhead_ms = statistics.median(r.seconds - max(r.shard_seconds) for r in reports) * 1e3
+        row.shard_ms = [statistics.median(r.shard_seconds[s] for r in reports) * 1e3 for s in range(2)]
+        row.bytes_per_step = reports[-1].bytes_to_shards + reports[-1].bytes_from_shards
+        row.note = f"coordinator step {statistics.median(r.seconds for r in reports) * 1e3:.2f} ms"
+        return row
+    finally:
+        client.delete_job(job.job_id)
+
+
+def gradient_fetch(client: Client, repeats: int = 10) -> Row:
+    """W4: assemble and stream 1,000,000 float32 gradients to this Python client over loopback."""
+    job = client.create_job("softmax", features=100_000, outputs=10, rows=32, shards=2, batch_size=0)
+    try:
+        client.gradient(job.job_id, flat=True)
+        total, params = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            summary, grads = client.gradient(job.job_id, flat=True)
+            total.append(time.perf_counter() - t0 - max(summary.shard_seconds))
+            t0 = time.perf_counter()
+            client.get_params(job.job_id, flat=True)
+            params.append(time.perf_counter() - t0)
+        nbytes = grads["flat"].nbytes
+        row = Row("W4 gradient fetch, 1M float32", 2, job.n_params)
+        row.service_ms, row.service_spread_ms = (v * 1e3 for v in _median_iqr(total))
+        row.bytes_per_step = nbytes
+        row.note = (f"{nbytes / statistics.median(total) / 1e9:.2f} GB/s gradient (compute excluded); "
+                    f"GetParameters {nbytes / statistics.median(params) / 1e9:.2f} GB/s")
+        return row
+    finally:
+        client.delete_job(job.job_id)
+
+
+def bytes_vs_params(client: Client) -> list[Row]:
+    """W5: bytes per step at a fixed batch for 10^5, 10^6 and 10^7 parameters."""
+    rows = []
+    for n in (100_000, 1_000_000, 10_000_000):
+        r = step_workload(client, f"W5 logistic {n:,} params", "logistic", n - 1, 1, 0, 16, 2, steps=3, warmup=1,
+                          reference=False)
+        rows.append(r)
+    return rows
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import os
+
+    import grpc
+    import ray
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB; Python {platform.python_version()}, numpy "
+            f"{np.__version__}, Ray {ray.__version__}, grpcio {grpc.__version__}")
