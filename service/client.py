@@ -123,16 +123,18 @@ class Client:
         return summary, decode_stream(r.chunk for r in responses)
 
     # --- training and checks ------------------------------------------------------
-    def step(self, job_id: str, steps: int = 1, learning_rate: float = 0.0) -> Iterator[pb.StepReport]:
-        """Run synchronized SGD steps; yields one report per step as it completes."""
-        return self.stub.Step(pb.StepRequest(job_id=job_id, steps=steps, learning_rate=learning_rate),
-                              timeout=self.timeout)
+    def step(self, job_id: str, steps: int = 1, learning_rate: float = 0.0,
+             expected_step: int | None = None) -> Iterator[pb.StepReport]:
+        """Run synchronized optimizer steps; one report per step. expected_step makes a retry safe."""
+        return self.stub.Step(pb.StepRequest(job_id=job_id, steps=steps, learning_rate=learning_rate,
+                                             expected_step=expected_step), timeout=self.timeout)
 
     def train(self, job_id: str, steps: int = 0, epochs: int = 0, eval_every: int = 0,
-              learning_rate: float = 0.0) -> Iterator[pb.TrainEvent]:
+              learning_rate: float = 0.0, expected_step: int | None = None) -> Iterator[pb.TrainEvent]:
         """Train for steps or epochs; one event per step. Call .cancel() on it to stop at a step boundary."""
         return self.stub.Train(pb.TrainRequest(job_id=job_id, steps=steps, epochs=epochs, eval_every=eval_every,
-                                               learning_rate=learning_rate), timeout=self.timeout)
+                                               learning_rate=learning_rate, expected_step=expected_step),
+                               timeout=self.timeout)
 
     def evaluate(self, job_id: str, rows=None, split: str = "all") -> pb.EvaluateResponse:
         return self.stub.Evaluate(pb.EvaluateRequest(job_id=job_id, batch=_batch(rows), split=SPLIT_NAMES[split]),

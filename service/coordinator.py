@@ -18,7 +18,7 @@ import numpy as np
 
 from service.datasets import DatasetStore
 from service.fdcheck import CheckResult, check_gradient, choose_coordinates
-from service.errors import ShardUnavailable
+from service.errors import Aborted, ShardUnavailable
 from service.metrics import Metrics
 from service.jobs import Job, JobConfig, JobRegistry, Limits, resolve, using
 from service.params import flat_from
@@ -157,20 +157,27 @@ class Coordinator:
             return GradientResult(loss + fwd.penalty, grad, math.sqrt(sum(q for q, _, _ in out)), len(fwd.y),
                                   job.step, seconds)
 
-    def step(self, job_id: str, steps: int, learning_rate: float = 0.0) -> Iterator[StepReport]:
-        """Run `steps` synchronized optimizer steps, yielding a report after each."""
+    def step(self, job_id: str, steps: int, learning_rate: float = 0.0,
+             expected_step: int | None = None) -> Iterator[StepReport]:
+        """Run `steps` synchronized optimizer steps, yielding a report after each.
+
+        With expected_step, the steps run only if the job is at that step when the first
+        one starts (else Aborted): a retried request never applies its steps twice.
+        """
         job = self.jobs.get(job_id)
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         _check_lr(learning_rate)
-        for _ in range(steps):
+        for i in range(steps):
             with using(job), self._marking(job):
+                if i == 0:
+                    _check_expected(job, expected_step)
                 report = sgd_step(job, learning_rate)
             self._observe(job, report)
             yield report       # outside the lock: a slow reader must not block the job
 
     def train(self, job_id: str, steps: int = 0, epochs: int = 0, eval_every: int = 0,
-              learning_rate: float = 0.0) -> Iterator[TrainEvent]:
+              learning_rate: float = 0.0, expected_step: int | None = None) -> Iterator[TrainEvent]:
         """Run `steps` steps, or until `epochs` more epochs end; evaluate on the held-out rows.
 
         Stopping the iteration (a cancelled client) stops at a step boundary: a step is
@@ -190,6 +197,8 @@ class Coordinator:
                  extra={"job_id": job.job_id, "step": job.step})
         for i in range(steps):
             with using(job), self._marking(job):
+                if i == 0:
+                    _check_expected(job, expected_step)
                 report = sgd_step(job, learning_rate)
                 examples += report.batch_rows
                 evaluation = None
@@ -244,6 +253,12 @@ class Coordinator:
         fwd = forward(job, rows, keep=False)
         loss, _ = loss_and_dZ(job.spec.loss, fwd.Z, fwd.y, need_grad=False)
         return Evaluation(loss + fwd.penalty, accuracy(job.spec.loss, fwd.Z, fwd.y), len(fwd.y), job.step)
+
+
+def _check_expected(job: Job, expected_step: int | None) -> None:
+    if expected_step is not None and expected_step != job.step:
+        raise Aborted(f"job {job.job_id} is at step {job.step}, the request expected step {expected_step}; "
+                      f"nothing was applied (a retried request whose steps were applied sees this)")
 
 
 def _check_lr(learning_rate: float) -> None:

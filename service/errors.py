@@ -17,6 +17,10 @@ class FailedPrecondition(GradshardError):
     """The request is valid but the job cannot serve it now (FAILED_PRECONDITION)."""
 
 
+class Aborted(GradshardError):
+    """A concurrency conflict: the job is not at the step the request expected (ABORTED)."""
+
+
 class ResourceExhausted(GradshardError):
     """The cluster lacks the resources asked for (RESOURCE_EXHAUSTED)."""
 

@@ -28,6 +28,7 @@ MAX_WORST = 100   # worst coordinates listed per shard: keeps a CheckGradient an
 _STATUS = [
     (errors.NotFound, grpc.StatusCode.NOT_FOUND),
     (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.Aborted, grpc.StatusCode.ABORTED),
     (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
     (MemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -140,7 +141,8 @@ class GradShardServicer(pb_grpc.GradShardServicer):
 
     @_streaming
     def Step(self, request, context):
-        for report in self.coordinator.step(request.job_id, request.steps, request.learning_rate):
+        expected = request.expected_step if request.HasField("expected_step") else None
+        for report in self.coordinator.step(request.job_id, request.steps, request.learning_rate, expected):
             yield report_to_pb(report)
             if not context.is_active():   # the client went away: stop at this step boundary
                 return
@@ -148,7 +150,8 @@ class GradShardServicer(pb_grpc.GradShardServicer):
     @_streaming
     def Train(self, request, context):
         r = request
-        for event in self.coordinator.train(r.job_id, r.steps, r.epochs, r.eval_every, r.learning_rate):
+        expected = r.expected_step if r.HasField("expected_step") else None
+        for event in self.coordinator.train(r.job_id, r.steps, r.epochs, r.eval_every, r.learning_rate, expected):
             yield train_event_to_pb(event)
             if not context.is_active():
                 return

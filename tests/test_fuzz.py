@@ -24,7 +24,7 @@ from workers.shard import DataSpec
 
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
            grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED,
-           grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+           grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED}
 EXAMPLES = 150
 
 

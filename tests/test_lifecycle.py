@@ -111,3 +111,20 @@ def test_bytes_per_step_do_not_depend_on_the_parameter_count():
     assert {m[1:] for m in moved} == {moved[0][1:]}
     # to each of 3 shards: 8 row indices and dZ (8 x 3 float32); back: Z_s and four scalars
     assert moved[0][1:] == (3 * (8 * 8 + 8 * 3 * 4), 3 * (8 * 3 * 4 + 16) + 3 * 16)
+
+
+def test_a_retried_step_request_with_expected_step_is_never_applied_twice(client):
+    job = client.create_job("linear", rows=20, features=3, dtype="float64")
+    first = list(client.step(job.job_id, 2, expected_step=0))
+    after_first = client.get_params(job.job_id, flat=True)["flat"]
+    with pytest.raises(grpc.RpcError) as e:          # the same request again, as a retry would send it
+        list(client.step(job.job_id, 2, expected_step=0))
+    assert e.value.code() == grpc.StatusCode.ABORTED
+    assert "is at step 2, the request expected step 0; nothing was applied" in e.value.details()
+    np.testing.assert_array_equal(client.get_params(job.job_id, flat=True)["flat"], after_first)
+    assert [r.step for r in first] == [1, 2] and client.get_job(job.job_id).step == 2
+    assert [e.report.step for e in client.train(job.job_id, steps=1, expected_step=2)] == [3]
+    with pytest.raises(grpc.RpcError) as e:
+        list(client.train(job.job_id, steps=1, expected_step=2))
+    assert e.value.code() == grpc.StatusCode.ABORTED
+    client.delete_job(job.job_id)

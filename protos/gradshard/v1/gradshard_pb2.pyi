@@ -357,14 +357,16 @@ class GradientResponse(_message.Message):
     def __init__(self, summary: _Optional[_Union[GradientSummary, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("job_id", "steps", "learning_rate")
+    __slots__ = ("job_id", "steps", "learning_rate", "expected_step")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_STEP_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     steps: int
     learning_rate: float
-    def __init__(self, job_id: _Optional[str] = ..., steps: _Optional[int] = ..., learning_rate: _Optional[float] = ...) -> None: ...
+    expected_step: int
+    def __init__(self, job_id: _Optional[str] = ..., steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., expected_step: _Optional[int] = ...) -> None: ...
 
 class StepReport(_message.Message):
     __slots__ = ("step", "loss", "grad_norm", "seconds", "shard_seconds", "bytes_to_shards", "bytes_from_shards", "batch_rows", "epoch", "learning_rate", "clip_scale")
@@ -393,18 +395,20 @@ class StepReport(_message.Message):
     def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., grad_norm: _Optional[float] = ..., seconds: _Optional[float] = ..., shard_seconds: _Optional[_Iterable[float]] = ..., bytes_to_shards: _Optional[int] = ..., bytes_from_shards: _Optional[int] = ..., batch_rows: _Optional[int] = ..., epoch: _Optional[int] = ..., learning_rate: _Optional[float] = ..., clip_scale: _Optional[float] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("job_id", "steps", "epochs", "eval_every", "learning_rate")
+    __slots__ = ("job_id", "steps", "epochs", "eval_every", "learning_rate", "expected_step")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     EVAL_EVERY_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_STEP_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     steps: int
     epochs: int
     eval_every: int
     learning_rate: float
-    def __init__(self, job_id: _Optional[str] = ..., steps: _Optional[int] = ..., epochs: _Optional[int] = ..., eval_every: _Optional[int] = ..., learning_rate: _Optional[float] = ...) -> None: ...
+    expected_step: int
+    def __init__(self, job_id: _Optional[str] = ..., steps: _Optional[int] = ..., epochs: _Optional[int] = ..., eval_every: _Optional[int] = ..., learning_rate: _Optional[float] = ..., expected_step: _Optional[int] = ...) -> None: ...
 
 class TrainEvent(_message.Message):
     __slots__ = ("report", "total_steps", "examples_per_second", "eval_loss", "eval_accuracy")
