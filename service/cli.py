@@ -19,10 +19,12 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def connect(server: str | None, shards_cpus: int = 0) -> Iterator[Client]:
+def connect(server: str | None, shards_cpus: int = 0, a: argparse.Namespace | None = None) -> Iterator[Client]:
     """A client of --server, or of a coordinator embedded in this process (local Ray, port 0)."""
     if server:
-        with Client(server) as client:
+        tls = {} if a is None else dict(token=a.token, tls_ca=a.tls_ca, client_cert=a.tls_cert,
+                                        client_key=a.tls_key)
+        with Client(server, **tls) as client:
             yield client
         return
     from service.coordinator import Coordinator
@@ -42,8 +44,17 @@ def connect(server: str | None, shards_cpus: int = 0) -> Iterator[Client]:
         coordinator.close()
 
 
-def _job_args(p: argparse.ArgumentParser) -> None:
+def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", help="host:port of a running coordinator (default: embedded)")
+    p.add_argument("--token", default=os.environ.get("GRADSHARD_TOKEN", ""),
+                   help="bearer token for --server (env GRADSHARD_TOKEN)")
+    p.add_argument("--tls-ca", default="", help="CA certificate (PEM) of a TLS --server")
+    p.add_argument("--tls-cert", default="", help="this client's certificate (PEM), if the server asks for one")
+    p.add_argument("--tls-key", default="", help="this client's private key (PEM)")
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    _client_args(p)
     p.add_argument("--model", choices=["linear", "logistic", "softmax", "mlp"], default="mlp")
     p.add_argument("--hidden", type=int, default=64, help="hidden units of the mlp")
     p.add_argument("--activation", choices=["relu", "tanh"], default="relu")
@@ -139,7 +150,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     total = a.steps or 0
     sch = schedule(a.schedule, warmup_steps=a.warmup, step_size=a.step_size if a.schedule == "step" else 0,
                    total_steps=a.total_steps or total if a.schedule == "cosine" else 0)
-    with connect(a.server) as client:
+    with connect(a.server, a=a) as client:
         job = _create(client, a, learning_rate=a.lr, batch_size=a.batch_size, optimizer=opt, schedule=sch,
                       clip_norm=a.clip_norm, holdout_fraction=a.holdout)
         events = run_training(client, job, steps=a.steps, epochs=a.epochs, eval_every=a.eval_every,
@@ -164,7 +175,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_grad(a: argparse.Namespace) -> int:
-    with connect(a.server) as client:
+    with connect(a.server, a=a) as client:
         job = _create(client, a)
         t0 = time.perf_counter()
         summary, grads = client.gradient(job.job_id)
@@ -179,7 +190,7 @@ def cmd_grad(a: argparse.Namespace) -> int:
 
 
 def cmd_check(a: argparse.Namespace) -> int:
-    with connect(a.server) as client:
+    with connect(a.server, a=a) as client:
         job = _create(client, a)
         r = client.check_gradient(job.job_id, coords_per_shard=a.coords, h=a.h, seed=a.seed)
         print(f"loss {r.loss:.6g}, h {r.h:g}, {r.checked} coordinates")
@@ -198,7 +209,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     """A 1M-parameter MLP on synthetic data, trained through the gRPC client."""
     from service.client import optimizer
 
-    with connect(a.server) as client:
+    with connect(a.server, a=a) as client:
         t0 = time.perf_counter()
         job = client.create_job("mlp", hidden=a.hidden, features=784, outputs=10, rows=a.rows, shards=a.shards,
                                 batch_size=a.batch_size, learning_rate=a.lr, seed=a.seed,
@@ -238,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="train a 1M-parameter MLP on synthetic data through the gRPC API")
-    p.add_argument("--server", help="host:port of a running coordinator (default: embedded)")
+    _client_args(p)
     p.add_argument("--hidden", type=int, default=1264, help="hidden units (1264 gives 1,004,890 parameters)")
     p.add_argument("--rows", type=int, default=16384)
     p.add_argument("--batch-size", type=int, default=256)
@@ -307,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except grpc.RpcError as e:
         print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:         # bad settings, unreadable certificate files
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Iterator
 
 import grpc
@@ -10,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradshard.v1 import gradshard_pb2 as pb
 from gradshard.v1 import gradshard_pb2_grpc as pb_grpc
+from service.auth import BearerToken
 from service.tensors import decode_stream, encode_all
 
 MODEL_NAMES = {"linear": pb.LINEAR, "logistic": pb.LOGISTIC, "softmax": pb.SOFTMAX, "mlp": pb.MLP}
@@ -36,9 +38,20 @@ def _batch(rows) -> pb.Batch:
 class Client:
     """One channel to one coordinator. Metadata comes back as the protobuf messages."""
 
-    def __init__(self, address: str, timeout: float | None = None) -> None:
-        self.channel = grpc.insecure_channel(address)
-        self.stub = pb_grpc.GradShardStub(self.channel)
+    def __init__(self, address: str, timeout: float | None = None, token: str = "", tls_ca: str = "",
+                 client_cert: str = "", client_key: str = "") -> None:
+        """tls_ca: PEM of the CA that signed the server's certificate (turns TLS on); client_cert and
+        client_key: this client's certificate, for servers that require one; token: the bearer token."""
+        if tls_ca:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=Path(tls_ca).read_bytes(),
+                private_key=Path(client_key).read_bytes() if client_key else None,
+                certificate_chain=Path(client_cert).read_bytes() if client_cert else None)
+            self.channel = grpc.secure_channel(address, creds)
+        else:
+            self.channel = grpc.insecure_channel(address)
+        channel = grpc.intercept_channel(self.channel, BearerToken(token)) if token else self.channel
+        self.stub = pb_grpc.GradShardStub(channel)
         self.timeout = timeout
 
     def close(self) -> None:

@@ -27,6 +27,11 @@ class Settings:
     max_shards: int = _f(64, "shards per job; each is a process (RESOURCE_EXHAUSTED beyond)")
     metrics_port: int = _f(0, "Prometheus metrics on http://host:metrics_port/metrics; 0 = off")
     log_format: str = _f("text", "\"text\", or \"json\": one JSON object per line with job_id and step")
+    tls_cert: str = _f("", "server certificate (PEM) for TLS; with tls_key")
+    tls_key: str = _f("", "server private key (PEM) for TLS")
+    tls_client_ca: str = _f("", "CA (PEM) whose client certificates are required; \"\" = no client certificates")
+    token: str = _f("", "bearer token every call must carry (health checks exempt); \"\" = none")
+    insecure: bool = _f(False, "allow plaintext beyond loopback (something else protects the network)")
     max_job_bytes: int = _f(16 << 30, "a job's data + parameters + optimizer state in its shards")
 
     def __post_init__(self) -> None:
@@ -42,6 +47,10 @@ class Settings:
             raise ValueError("max_shards and max_job_bytes must be >= 1")
         if self.max_data_bytes < 0:
             raise ValueError(f"max_data_bytes must be >= 0, got {self.max_data_bytes}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key")
         if self.call_timeout_s <= 0 or self.workers < 1 or self.grace_s < 0:
             raise ValueError("call_timeout_s > 0, workers >= 1 and grace_s >= 0 are required")
 
@@ -54,11 +63,16 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     """One --flag per field; its default comes from GRADSHARD_<FIELD> if set."""
     for f in dataclasses.fields(Settings):
         env = os.environ.get(f"GRADSHARD_{f.name.upper()}")
+        help_ = f"{f.metadata.get('help', '')} (env GRADSHARD_{f.name.upper()})"
+        if f.type == "bool":
+            default = env.lower() in ("1", "true", "yes") if env is not None else f.default
+            parser.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", default=default, help=help_)
+            continue
         kind = {"int": int, "float": float}.get(f.type, str)
         default = kind(env) if env is not None else f.default
+        shown = "(set)" if f.name == "token" and default else repr(default)   # never print a secret
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default,
-                            help=f"{f.metadata.get('help', '')} (env GRADSHARD_{f.name.upper()}; "
-                                 f"default {default!r})")
+                            help=f"{help_[:-1]}; default {shown})")
 
 
 def from_args(args: argparse.Namespace) -> Settings:

@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gradshard.v1 import gradshard_pb2 as pb
 from gradshard.v1 import gradshard_pb2_grpc as pb_grpc
+from service.auth import TokenInterceptor, check_exposure, server_credentials
 from service.config import Settings
 from service.coordinator import Coordinator
 from service.datasets import DatasetStore
@@ -24,10 +25,15 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradShard"].full_name
 
 
-def create_server(coordinator: Coordinator, address: str, workers: int = 16
+def create_server(coordinator: Coordinator, address: str, workers: int = 16,
+                  credentials: grpc.ServerCredentials | None = None, token: str = ""
                   ) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """A started server on `address` ("host:0" picks a port); health says NOT_SERVING."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    """A started server on `address` ("host:0" picks a port); health says NOT_SERVING.
+
+    With credentials it serves TLS only; with a token every call but health checks must carry it.
+    """
+    interceptors = [TokenInterceptor(token)] if token else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=interceptors)
     pb_grpc.add_GradShardServicer_to_server(GradShardServicer(coordinator), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -36,7 +42,7 @@ def create_server(coordinator: Coordinator, address: str, workers: int = 16
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server)
-    port = server.add_insecure_port(address)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not listen on {address}")
     server.start()
@@ -50,15 +56,20 @@ def set_serving(health_servicer: health.HealthServicer) -> None:
 
 def serve(settings: Settings, ready: threading.Event | None = None) -> None:
     """Run until SIGTERM or SIGINT: listen first (NOT_SERVING), start Ray, then SERVING."""
+    check_exposure(settings.host, bool(settings.tls_cert), settings.insecure)
+    credentials = (server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+                   if settings.tls_cert else None)
     datasets = DatasetStore(settings.data_dir or None, settings.max_data_bytes)
     limits = Limits(max_shards=settings.max_shards, max_job_bytes=settings.max_job_bytes)
     metrics = Metrics()
     coordinator = Coordinator(call_timeout_s=settings.call_timeout_s, datasets=datasets, limits=limits,
                               metrics=metrics)
-    server, port, health_servicer = create_server(coordinator, settings.address, settings.workers)
+    server, port, health_servicer = create_server(coordinator, settings.address, settings.workers, credentials,
+                                                  settings.token)
     if settings.metrics_port:
         log.info("metrics on http://%s:%d/metrics", settings.host, metrics.serve(settings.metrics_port, settings.host))
-    log.info("listening on %s:%d (NOT_SERVING until Ray is up)", settings.host, port)
+    log.info("listening on %s:%d with %s%s (NOT_SERVING until Ray is up)", settings.host, port,
+             "TLS" if credentials else "plaintext", " and a bearer token" if settings.token else "")
     start_ray(settings)
     set_serving(health_servicer)
     log.info("serving on %s:%d", settings.host, port)
