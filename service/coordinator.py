@@ -20,7 +20,7 @@ from service.datasets import DatasetStore
 from service.fdcheck import CheckResult, check_gradient, choose_coordinates
 from service.errors import Aborted, ShardUnavailable
 from service.metrics import Metrics
-from service.jobs import Job, JobConfig, JobRegistry, Limits, resolve, using
+from service.jobs import Job, JobConfig, JobRegistry, Limits, check_room, resolve, using
 from service.params import flat_from
 from service.shard_group import RayShardGroup, ShardGroup
 from service.step import StepReport, check_rows, forward, sgd_step, sum_partials
@@ -80,6 +80,7 @@ class Coordinator:
         if config.data.kind == "dataset":   # an uploaded set: its file, read like any .npz
             config = dataclasses.replace(config, data=DataSpec("npz", path=self.datasets.get(config.data.path).path,
                                                                dataset_id=config.data.path))
+        check_room(self.jobs.count(), self.limits.max_jobs)      # refuse before starting any shard
         spec, labels = resolve(config, self.limits)
         plan = spec.plan(config.shards)
         group = self._group_factory(spec, plan, config.dtype, config.seed, optimizer=config.optimizer,
@@ -91,10 +92,10 @@ class Coordinator:
                 Z = sum_partials(group.call("teacher_output", config.data.seed))
                 labels = prepare_labels(spec, synthetic_labels(spec, Z, config.data.seed), config.dtype)
             job = Job(f"job-{uuid.uuid4().hex[:12]}", config, spec, plan, group, labels, group.node_ids())
+            self.jobs.add(job, self.limits.max_jobs)           # authoritative, under the registry's lock
         except BaseException:
             group.close()
             raise
-        self.jobs.add(job)
         if self.metrics:
             self.metrics.job_created(job.job_id, plan.n_shards)
         log.info("created %s: %s, %d params, %d shards", job.job_id, spec.kind, spec.n_params, plan.n_shards,

@@ -57,6 +57,7 @@ class Limits:
     """What one job may ask of the cluster (RESOURCE_EXHAUSTED beyond)."""
 
     max_shards: int = 64                # shards per job (each is a process)
+    max_jobs: int = 64                  # jobs a coordinator holds at once
     max_job_bytes: int = 16 << 30       # data + parameters + optimizer state, over all shards
 
 
@@ -177,6 +178,12 @@ class Job:
         return self.config.schedule
 
 
+def check_room(jobs: int, max_jobs: int) -> None:
+    if jobs >= max_jobs:
+        raise ResourceExhausted(f"the coordinator holds {jobs} jobs, its limit (server flag --max-jobs); "
+                                f"delete one first")
+
+
 @contextlib.contextmanager
 def using(job: Job) -> Iterator[Job]:
     """Hold the job's lock, refusing a deleted or broken job."""
@@ -195,9 +202,14 @@ class JobRegistry:
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
 
-    def add(self, job: Job) -> None:
+    def add(self, job: Job, max_jobs: int) -> None:
         with self._lock:
+            check_room(len(self._jobs), max_jobs)
             self._jobs[job.job_id] = job
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._jobs)
 
     def get(self, job_id: str) -> Job:
         if not job_id:

@@ -60,7 +60,7 @@ def serve(settings: Settings, ready: threading.Event | None = None) -> None:
     credentials = (server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
                    if settings.tls_cert else None)
     datasets = DatasetStore(settings.data_dir or None, settings.max_data_bytes)
-    limits = Limits(max_shards=settings.max_shards, max_job_bytes=settings.max_job_bytes)
+    limits = Limits(max_shards=settings.max_shards, max_job_bytes=settings.max_job_bytes, max_jobs=settings.max_jobs)
     metrics = Metrics()
     coordinator = Coordinator(call_timeout_s=settings.call_timeout_s, datasets=datasets, limits=limits,
                               metrics=metrics)

@@ -128,3 +128,16 @@ def test_a_retried_step_request_with_expected_step_is_never_applied_twice(client
         list(client.train(job.job_id, steps=1, expected_step=2))
     assert e.value.code() == grpc.StatusCode.ABORTED
     client.delete_job(job.job_id)
+
+
+def test_the_number_of_jobs_is_limited():
+    from service.errors import ResourceExhausted
+    from service.jobs import Limits
+
+    c = Coordinator(LocalShardGroup, limits=Limits(max_jobs=2))
+    first = local_job(c)
+    local_job(c)
+    with pytest.raises(ResourceExhausted, match="holds 2 jobs, its limit"):
+        local_job(c)
+    c.delete_job(first.job_id)
+    assert local_job(c).job_id                     # room again after a delete

@@ -114,6 +114,7 @@ class GradShardServicer:
     def CreateJob(self, request, context):
         """Create a job: start its shards, load or generate its data in the shards,
         initialise the parameters from the seed. Returns when every shard is up.
+        RESOURCE_EXHAUSTED when the server already holds --max-jobs jobs.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
