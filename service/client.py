@@ -84,7 +84,8 @@ class Client:
                    activation: str = "relu", rows: int = 0, features: int = 0, outputs: int = 0,
                    npz_path: str | None = None, dataset_id: str | None = None, cpus_per_shard: float = 0.0,
                    optimizer: pb.Optimizer | None = None, schedule: pb.Schedule | None = None,
-                   clip_norm: float = 0.0, holdout_fraction: float = 0.0, placement: str = "SPREAD") -> pb.Job:
+                   clip_norm: float = 0.0, holdout_fraction: float = 0.0, placement: str = "SPREAD",
+                   checkpoint_every: int = 0) -> pb.Job:
         """Create a job on synthetic data (rows, features, outputs), a server-side .npz file or an upload.
 
         With npz_path or dataset_id, `outputs` is the number of classes (0: the largest label + 1).
@@ -100,7 +101,7 @@ class Client:
             shards=shards, dtype=DTYPE_NAMES[dtype], seed=seed, learning_rate=learning_rate,
             batch_size=batch_size, l2=l2, data=data, cpus_per_shard=cpus_per_shard, optimizer=optimizer,
             schedule=schedule, clip_norm=clip_norm, holdout_fraction=holdout_fraction,
-            placement=pb.Placement.Value(placement))
+            placement=pb.Placement.Value(placement), checkpoint_every=checkpoint_every)
         return self.stub.CreateJob(request, timeout=self.timeout)
 
     def get_job(self, job_id: str) -> pb.Job:

@@ -75,7 +75,8 @@ def config_from_pb(r: pb.CreateJobRequest) -> JobConfig:
                      cpus_per_shard=r.cpus_per_shard, optimizer=optimizer_from_pb(r.optimizer),
                      schedule=schedule_from_pb(r.schedule), clip_norm=r.clip_norm,
                      holdout_fraction=r.holdout_fraction,
-                     placement=_enum(PLACEMENTS, r.placement, "placement", pb.Placement))
+                     placement=_enum(PLACEMENTS, r.placement, "placement", pb.Placement),
+                     checkpoint_every=r.checkpoint_every or 50)
 
 
 def _key(table: dict, value: str) -> int:
@@ -109,7 +110,8 @@ def job_to_pb(job: Job, shard_steps: list[int]) -> pb.Job:
                              step_size=sch.step_size, gamma=sch.gamma, total_steps=sch.total_steps,
                              min_lr=sch.min_lr),
         clip_norm=c.clip_norm, holdout_fraction=c.holdout_fraction, holdout_rows=len(job.holdout_rows),
-        train_rows=job.n_train, error=job.broken, placement=_key(PLACEMENTS, c.placement))
+        train_rows=job.n_train, error=job.broken, placement=_key(PLACEMENTS, c.placement),
+        checkpoint_every=c.checkpoint_every, checkpoint_step=job.checkpoint.step if job.checkpoint else 0)
 
 
 def report_to_pb(r: StepReport) -> pb.StepReport:

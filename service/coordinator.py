@@ -23,7 +23,8 @@ from service.metrics import Metrics
 from service.jobs import Job, JobConfig, JobRegistry, Limits, check_room, resolve, using
 from service.params import flat_from
 from service.shard_group import RayShardGroup, ShardGroup
-from service.step import StepReport, check_rows, forward, sgd_step, sum_partials
+from service.recovery import recover, recovering_step, take_checkpoint
+from service.step import StepReport, check_rows, forward, sum_partials
 from workers.data import batches_per_epoch, prepare_labels, synthetic_labels
 from workers.losses import accuracy, loss_and_dZ
 from workers.shard import DataSpec
@@ -92,6 +93,7 @@ class Coordinator:
                 Z = sum_partials(group.call("teacher_output", config.data.seed))
                 labels = prepare_labels(spec, synthetic_labels(spec, Z, config.data.seed), config.dtype)
             job = Job(f"job-{uuid.uuid4().hex[:12]}", config, spec, plan, group, labels, group.node_ids())
+            take_checkpoint(job)                               # step 0: what a recovery starts from
             self.jobs.add(job, self.limits.max_jobs)           # authoritative, under the registry's lock
         except BaseException:
             group.close()
@@ -173,7 +175,7 @@ class Coordinator:
             with using(job), self._marking(job):
                 if i == 0:
                     _check_expected(job, expected_step)
-                report = sgd_step(job, learning_rate)
+                report = recovering_step(job, learning_rate)
             self._observe(job, report)
             yield report       # outside the lock: a slow reader must not block the job
 
@@ -200,7 +202,7 @@ class Coordinator:
             with using(job), self._marking(job):
                 if i == 0:
                     _check_expected(job, expected_step)
-                report = sgd_step(job, learning_rate)
+                report = recovering_step(job, learning_rate)
                 examples += report.batch_rows
                 evaluation = None
                 last = i == steps - 1
@@ -242,10 +244,14 @@ class Coordinator:
     @staticmethod
     @contextlib.contextmanager
     def _marking(job: Job) -> Iterator[None]:
-        """A shard that died leaves the job unusable until deleted (recreate it)."""
+        """A shard that died is replaced before the error reaches the client, who may retry."""
         try:
             yield
         except ShardUnavailable as exc:
+            if not job.broken and job.checkpoint is not None:
+                recover(job)            # raises ShardUnavailable (job unusable) when it cannot
+                raise ShardUnavailable(f"{exc}; the shard was restarted at step {job.step}: retry the call") \
+                    from None
             job.broken = job.broken or f"a shard died ({exc})"
             log.warning("%s is unusable: %s", job.job_id, job.broken, extra={"job_id": job.job_id, "step": job.step})
             raise

@@ -45,6 +45,7 @@ class JobConfig:
     clip_norm: float = 0.0     # 0 = no clipping; else clip the global gradient norm to this
     holdout_fraction: float = 0.0   # rows held out of training, for evaluation
     placement: str = "SPREAD"  # Ray placement-group strategy of the shards: PACK, SPREAD, STRICT_SPREAD
+    checkpoint_every: int = 50  # steps between checkpoints of the shards' state (recovery replays at most this)
 
 
 def _check_positive_finite(name: str, value: float) -> None:
@@ -95,6 +96,8 @@ def resolve(config: JobConfig, limits: Limits = Limits()) -> tuple[ModelSpec, np
         raise ValueError(f"shards must be >= 1, got {config.shards}")
     if not (math.isfinite(config.clip_norm) and config.clip_norm >= 0):
         raise ValueError(f"clip_norm must be finite and >= 0 (0 = off), got {config.clip_norm}")
+    if config.checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {config.checkpoint_every}")
     if not (math.isfinite(config.holdout_fraction) and 0 <= config.holdout_fraction < 1):
         raise ValueError(f"holdout_fraction must be in [0, 1), got {config.holdout_fraction}")
     data = config.data
@@ -157,6 +160,8 @@ class Job:
     step: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     train_rows: np.ndarray | None = None      # None: every row trains
+    checkpoint: object = None     # service.recovery.Checkpoint: the latest copy of every shard's state
+    lr_log: dict = field(default_factory=dict)   # step -> base learning-rate override, for replay
     closed: bool = False          # deleted: calls that still hold the object must not touch the shards
     broken: str = ""              # why the shards may disagree (a failed step); "" when they agree
     holdout_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))

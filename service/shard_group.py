@@ -57,6 +57,9 @@ class LocalShardGroup:
     def node_ids(self) -> list[str]:
         return ["local"] * self.n_shards
 
+    def replace_dead(self, data: Any) -> list[int]:
+        return []          # in-process shards do not die
+
     def close(self) -> None:
         self.shards = []
 
@@ -103,12 +106,16 @@ class RayShardGroup:
                 f"cannot place {plan.n_shards} shards with placement {placement} (each needs {bundle}) within "
                 f"{placement_timeout_s:g} s; the cluster has {nodes} live nodes and {total:g} CPUs") from None
         self._remove_pg = remove_placement_group
-        self.actors = [
-            RemoteShard.options(
+
+        def start(s: int):
+            return RemoteShard.options(
                 num_cpus=cpus_per_shard,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=s),
             ).remote(spec, plan, s, dtype, seed, optimizer, blas_threads=threads)
-            for s in range(plan.n_shards)]
+
+        self._start = start
+        self._restart_timeout_s = placement_timeout_s
+        self.actors = [start(s) for s in range(plan.n_shards)]
         log.info("started %d shard actors (%s), %d BLAS threads each", plan.n_shards, placement, threads)
 
     def put(self, value: Any) -> Any:
@@ -126,6 +133,28 @@ class RayShardGroup:
 
     def node_ids(self) -> list[str]:
         return self._get([a.node_id.remote() for a in self.actors], "node_id")
+
+    def replace_dead(self, data: Any) -> list[int]:
+        """Start a new actor (with its data) for every shard that does not answer; their indices.
+
+        The new actor has the initial parameters: the caller restores a checkpoint.
+        """
+        ray = self._ray
+        dead = []
+        for s, actor in enumerate(self.actors):
+            try:
+                ray.get(actor.get_step.remote(), timeout=self._restart_timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.ObjectLostError):
+                dead.append(s)
+        for s in dead:
+            ray.kill(self.actors[s])
+            self.actors[s] = self._start(s)
+            try:
+                ray.get(self.actors[s].load.remote(data), timeout=self._restart_timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+                raise ShardUnavailable(f"shard {s} died and could not be restarted within "
+                                       f"{self._restart_timeout_s:g} s ({type(exc).__name__})") from None
+        return dead
 
     def close(self) -> None:
         for actor in self.actors:

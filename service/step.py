@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.errors import FailedPrecondition
+from service.errors import FailedPrecondition, ShardUnavailable
 from service.jobs import Job
 from workers.data import batch_rows
 from workers.losses import loss_and_dZ
@@ -113,6 +113,8 @@ def sgd_step(job: Job, base_lr: float = 0.0) -> StepReport:
                                  f"Set finite parameters or use a smaller learning rate")
     try:
         return _update(job, t, lr, loss, fwd, dZ, epoch, t0)
+    except ShardUnavailable:
+        raise      # a dead shard: service.recovery restores a consistent state
     except Exception as exc:
         # Some shards may have applied the step and others not: the job cannot go on.
         job.broken = f"step {t + 1} failed in the shards ({type(exc).__name__}: {exc})"

@@ -38,9 +38,19 @@ def test_an_impossible_placement_is_resource_exhausted(findings):
     assert "3 live nodes" in message
 
 
-def test_removing_a_node_that_holds_a_shard_is_reported_clearly(findings):
+def test_a_spread_job_survives_the_removal_of_a_node(findings):
+    if findings["removed_node"] not in findings["spread_nodes"]:
+        pytest.fail(f"the SPREAD job had no shard on the removed node: {findings}")
+    assert findings["spread_after_removal"] == ["UNAVAILABLE", "OK"]          # one retryable status
+    assert findings["spread_same_gradient"]                                   # restored to the same state
+    assert findings["spread_steps_after"] == [4, 5]
+    assert findings["removed_node"] not in findings["spread_nodes_after"]
+
+
+def test_removing_a_node_under_strict_spread_is_reported_clearly(findings):
+    """Three shards, STRICT_SPREAD, and two nodes left: the shard cannot come back."""
     first, second = findings["after_removal"]
-    assert first[0] == "UNAVAILABLE" and "a shard died" in first[1]
+    assert first[0] == "UNAVAILABLE" and "could not be recovered" in first[1]
     assert second[0] == "FAILED_PRECONDITION" and "delete it and create it again" in second[1]
     assert "a shard died" in findings["job_error"]
     assert findings["after_removal_seconds"] < 90

@@ -1,6 +1,8 @@
 """The Ray actor around a Shard: sets its BLAS threads and reports its node."""
 from __future__ import annotations
 
+import os
+
 import ray
 from threadpoolctl import threadpool_limits
 
@@ -18,6 +20,9 @@ class ShardActor(Shard):
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+    def pid(self) -> int:
+        return os.getpid()
 
 
 RemoteShard = ray.remote(ShardActor)

@@ -154,6 +154,21 @@ class Shard:
     def get_step(self) -> int:
         return self.step
 
+    def state(self) -> dict:
+        """Everything a restarted shard needs to continue exactly: parameters, step, optimizer state."""
+        o = self.optimizer
+        return {"theta": self.theta.copy(), "step": self.step, "opt_t": o.t,
+                "m": None if o.m is None else o.m.copy(), "v": None if o.v is None else o.v.copy()}
+
+    def restore(self, state: dict) -> None:
+        """Go back to a state() taken earlier (of this shard's slice)."""
+        self.set_params(np.asarray(state["theta"], self.dtype))
+        self.step = int(state["step"])
+        o = self.optimizer
+        o.t = int(state["opt_t"])
+        o.m = None if state["m"] is None else np.array(state["m"], self.dtype)
+        o.v = None if state["v"] is None else np.array(state["v"], self.dtype)
+
     def set_params(self, theta: np.ndarray) -> None:
         if theta.shape != self.theta.shape or theta.dtype != self.theta.dtype:
             raise ValueError(f"shard {self.index} takes {self.theta.shape} {self.theta.dtype}, "

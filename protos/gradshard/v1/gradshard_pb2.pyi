@@ -123,7 +123,7 @@ class DataSource(_message.Message):
     def __init__(self, synthetic: _Optional[_Union[SyntheticData, _Mapping]] = ..., npz_path: _Optional[str] = ..., dataset_id: _Optional[str] = ..., classes: _Optional[int] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
-    __slots__ = ("model", "hidden", "activation", "shards", "dtype", "seed", "learning_rate", "batch_size", "l2", "data", "cpus_per_shard", "optimizer", "schedule", "clip_norm", "holdout_fraction", "placement")
+    __slots__ = ("model", "hidden", "activation", "shards", "dtype", "seed", "learning_rate", "batch_size", "l2", "data", "cpus_per_shard", "optimizer", "schedule", "clip_norm", "holdout_fraction", "placement", "checkpoint_every")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +140,7 @@ class CreateJobRequest(_message.Message):
     CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
     HOLDOUT_FRACTION_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
     model: Model
     hidden: int
     activation: Activation
@@ -156,7 +157,8 @@ class CreateJobRequest(_message.Message):
     clip_norm: float
     holdout_fraction: float
     placement: Placement
-    def __init__(self, model: _Optional[_Union[Model, str]] = ..., hidden: _Optional[int] = ..., activation: _Optional[_Union[Activation, str]] = ..., shards: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., seed: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., l2: _Optional[float] = ..., data: _Optional[_Union[DataSource, _Mapping]] = ..., cpus_per_shard: _Optional[float] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., clip_norm: _Optional[float] = ..., holdout_fraction: _Optional[float] = ..., placement: _Optional[_Union[Placement, str]] = ...) -> None: ...
+    checkpoint_every: int
+    def __init__(self, model: _Optional[_Union[Model, str]] = ..., hidden: _Optional[int] = ..., activation: _Optional[_Union[Activation, str]] = ..., shards: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., seed: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., l2: _Optional[float] = ..., data: _Optional[_Union[DataSource, _Mapping]] = ..., cpus_per_shard: _Optional[float] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., clip_norm: _Optional[float] = ..., holdout_fraction: _Optional[float] = ..., placement: _Optional[_Union[Placement, str]] = ..., checkpoint_every: _Optional[int] = ...) -> None: ...
 
 class Optimizer(_message.Message):
     __slots__ = ("kind", "momentum", "nesterov", "beta1", "beta2", "eps", "weight_decay")
@@ -219,7 +221,7 @@ class ShardInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., unit_begin: _Optional[int] = ..., unit_end: _Optional[int] = ..., param_begin: _Optional[int] = ..., param_end: _Optional[int] = ..., node_id: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "model", "hidden", "activation", "dtype", "seed", "learning_rate", "batch_size", "l2", "n_params", "rows", "features", "outputs", "step", "tensors", "shards", "data", "cpus_per_shard", "optimizer", "schedule", "clip_norm", "holdout_fraction", "holdout_rows", "train_rows", "error", "placement")
+    __slots__ = ("job_id", "model", "hidden", "activation", "dtype", "seed", "learning_rate", "batch_size", "l2", "n_params", "rows", "features", "outputs", "step", "tensors", "shards", "data", "cpus_per_shard", "optimizer", "schedule", "clip_norm", "holdout_fraction", "holdout_rows", "train_rows", "error", "placement", "checkpoint_every", "checkpoint_step")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
@@ -246,6 +248,8 @@ class Job(_message.Message):
     TRAIN_ROWS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_STEP_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     model: Model
     hidden: int
@@ -272,7 +276,9 @@ class Job(_message.Message):
     train_rows: int
     error: str
     placement: Placement
-    def __init__(self, job_id: _Optional[str] = ..., model: _Optional[_Union[Model, str]] = ..., hidden: _Optional[int] = ..., activation: _Optional[_Union[Activation, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., seed: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., l2: _Optional[float] = ..., n_params: _Optional[int] = ..., rows: _Optional[int] = ..., features: _Optional[int] = ..., outputs: _Optional[int] = ..., step: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., data: _Optional[_Union[DataSource, _Mapping]] = ..., cpus_per_shard: _Optional[float] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., clip_norm: _Optional[float] = ..., holdout_fraction: _Optional[float] = ..., holdout_rows: _Optional[int] = ..., train_rows: _Optional[int] = ..., error: _Optional[str] = ..., placement: _Optional[_Union[Placement, str]] = ...) -> None: ...
+    checkpoint_every: int
+    checkpoint_step: int
+    def __init__(self, job_id: _Optional[str] = ..., model: _Optional[_Union[Model, str]] = ..., hidden: _Optional[int] = ..., activation: _Optional[_Union[Activation, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., seed: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., l2: _Optional[float] = ..., n_params: _Optional[int] = ..., rows: _Optional[int] = ..., features: _Optional[int] = ..., outputs: _Optional[int] = ..., step: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., data: _Optional[_Union[DataSource, _Mapping]] = ..., cpus_per_shard: _Optional[float] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., clip_norm: _Optional[float] = ..., holdout_fraction: _Optional[float] = ..., holdout_rows: _Optional[int] = ..., train_rows: _Optional[int] = ..., error: _Optional[str] = ..., placement: _Optional[_Union[Placement, str]] = ..., checkpoint_every: _Optional[int] = ..., checkpoint_step: _Optional[int] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)
