@@ -154,6 +154,9 @@ class Client:
         return self.stub.Evaluate(pb.EvaluateRequest(job_id=job_id, batch=_batch(rows), split=SPLIT_NAMES[split]),
                                   timeout=self.timeout)
 
+    def checkpoint(self, job_id: str) -> pb.CheckpointResponse:
+        return self.stub.Checkpoint(pb.CheckpointRequest(job_id=job_id), timeout=self.timeout)
+
     # --- data sets ----------------------------------------------------------------
     def upload_dataset(self, X: np.ndarray, y: np.ndarray, name: str = "", classes: int = 0) -> pb.Dataset:
         """Stream X (rows, features) and y (rows,) to the server in chunks of at most 1 MiB."""

@@ -22,6 +22,7 @@ class Settings:
     call_timeout_s: float = _f(600.0, "longest wait for the shards of one call")
     workers: int = _f(16, "server threads (concurrent RPCs)")
     grace_s: float = _f(5.0, "seconds in-flight RPCs get on shutdown")
+    state_dir: str = _f("", "keep job definitions and checkpoints here and resume them after a restart; \"\" = off")
     data_dir: str = _f("", "where uploaded data sets are kept; \"\" = a new temporary directory")
     max_data_bytes: int = _f(8 << 30, "total bytes of uploaded data sets (RESOURCE_EXHAUSTED beyond)")
     max_shards: int = _f(64, "shards per job; each is a process (RESOURCE_EXHAUSTED beyond)")

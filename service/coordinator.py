@@ -23,6 +23,7 @@ from service.metrics import Metrics
 from service.jobs import Job, JobConfig, JobRegistry, Limits, check_room, resolve, using
 from service.params import flat_from
 from service.shard_group import RayShardGroup, ShardGroup
+from service.state import StateStore
 from service.recovery import recover, recovering_step, take_checkpoint
 from service.step import StepReport, check_rows, forward, sum_partials
 from workers.data import batches_per_epoch, prepare_labels, synthetic_labels
@@ -67,8 +68,10 @@ class Coordinator:
 
     def __init__(self, group_factory: GroupFactory = RayShardGroup, call_timeout_s: float = 600.0,
                  datasets: DatasetStore | None = None, limits: Limits = Limits(),
-                 placement_timeout_s: float = 30.0, metrics: Metrics | None = None) -> None:
+                 placement_timeout_s: float = 30.0, metrics: Metrics | None = None,
+                 state: StateStore | None = None) -> None:
         self.jobs = JobRegistry()
+        self.state = state
         self.metrics = metrics
         self._placement_timeout = placement_timeout_s
         self.limits = limits
@@ -77,7 +80,8 @@ class Coordinator:
         self._timeout = call_timeout_s
 
     # --- jobs -----------------------------------------------------------------------
-    def create_job(self, config: JobConfig) -> Job:
+    def create_job(self, config: JobConfig, job_id: str | None = None, resume: tuple | None = None) -> Job:
+        """Start a job's shards. resume=(step, shard states) restarts a saved job at its checkpoint."""
         if config.data.kind == "dataset":   # an uploaded set: its file, read like any .npz
             config = dataclasses.replace(config, data=DataSpec("npz", path=self.datasets.get(config.data.path).path,
                                                                dataset_id=config.data.path))
@@ -92,8 +96,16 @@ class Coordinator:
             if labels is None:   # synthetic: a teacher in the shards labels the rows
                 Z = sum_partials(group.call("teacher_output", config.data.seed))
                 labels = prepare_labels(spec, synthetic_labels(spec, Z, config.data.seed), config.dtype)
-            job = Job(f"job-{uuid.uuid4().hex[:12]}", config, spec, plan, group, labels, group.node_ids())
-            take_checkpoint(job)                               # step 0: what a recovery starts from
+            job = Job(job_id or f"job-{uuid.uuid4().hex[:12]}", config, spec, plan, group, labels,
+                      group.node_ids())
+            if resume is not None:
+                job.step = resume[0]
+                group.call("restore", each=[{"state": st} for st in resume[1]])
+                take_checkpoint(job)
+            else:
+                if self.state is not None:
+                    self.state.save_job(job.job_id, config)
+                take_checkpoint(job, self.state)               # step 0: what a recovery starts from
             self.jobs.add(job, self.limits.max_jobs)           # authoritative, under the registry's lock
         except BaseException:
             group.close()
@@ -120,7 +132,27 @@ class Coordinator:
             job.group.close()
         if self.metrics:
             self.metrics.job_deleted(job_id)
+        if self.state is not None:
+            self.state.delete_job(job_id)
         log.info("deleted %s", job_id, extra={"job_id": job_id})
+
+    def resume(self) -> list[str]:
+        """After a restart: every job saved under --state-dir, at its last complete checkpoint."""
+        resumed = []
+        for job_id, config, step, states in self.state.load() if self.state else []:
+            try:
+                self.create_job(config, job_id=job_id, resume=(step, states))
+                resumed.append(job_id)
+                log.info("resumed %s at step %d", job_id, step, extra={"job_id": job_id, "step": step})
+            except Exception as exc:       # one job that cannot come back must not stop the others
+                log.error("cannot resume %s: %s", job_id, exc, extra={"job_id": job_id})
+        return resumed
+
+    def checkpoint(self, job_id: str) -> int:
+        """Checkpoint now (durably with --state-dir); returns the step."""
+        job = self.jobs.get(job_id)
+        with using(job), self._marking(job):
+            return take_checkpoint(job, self.state).step
 
     def close(self) -> None:
         for job in self.jobs.all():
@@ -175,7 +207,7 @@ class Coordinator:
             with using(job), self._marking(job):
                 if i == 0:
                     _check_expected(job, expected_step)
-                report = recovering_step(job, learning_rate)
+                report = recovering_step(job, learning_rate, self.state)
             self._observe(job, report)
             yield report       # outside the lock: a slow reader must not block the job
 
@@ -202,7 +234,7 @@ class Coordinator:
             with using(job), self._marking(job):
                 if i == 0:
                     _check_expected(job, expected_step)
-                report = recovering_step(job, learning_rate)
+                report = recovering_step(job, learning_rate, self.state)
                 examples += report.batch_rows
                 evaluation = None
                 last = i == steps - 1

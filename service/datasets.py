@@ -7,11 +7,14 @@ a refused upload leaves nothing behind.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import tempfile
 import threading
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -58,6 +61,10 @@ class DatasetStore:
         self.max_bytes = max_bytes
         self._sets: dict[str, Dataset] = {}
         self._lock = threading.Lock()
+        for meta in Path(self.directory).glob("data-*.json"):     # kept from before a restart
+            d = Dataset(**json.loads(meta.read_text()))
+            if os.path.exists(d.path):
+                self._sets[d.dataset_id] = d
 
     def used_bytes(self) -> int:
         with self._lock:
@@ -86,6 +93,8 @@ class DatasetStore:
             os.unlink(tmp)
             raise
         dataset = Dataset(dataset_id, name, path, X.shape[0], X.shape[1], X.nbytes + y.nbytes, str(y.dtype))
+        meta = Path(self.directory) / f"{dataset_id}.json"
+        meta.write_text(json.dumps(dataclasses.asdict(dataset)))
         with self._lock:
             self._sets[dataset_id] = dataset
         return dataset
@@ -106,3 +115,4 @@ class DatasetStore:
         with self._lock:
             self._sets.pop(dataset_id, None)
         os.unlink(dataset.path)
+        Path(self.directory, f"{dataset_id}.json").unlink(missing_ok=True)

@@ -25,9 +25,12 @@ class Checkpoint:
     states: list[dict]            # one Shard.state() per shard
 
 
-def take_checkpoint(job: Job) -> Checkpoint:
+def take_checkpoint(job: Job, store=None) -> Checkpoint:
+    """Copy every shard's state into the coordinator, and to --state-dir when there is one."""
     job.checkpoint = Checkpoint(job.step, job.group.call("state"))
     job.lr_log = {t: lr for t, lr in job.lr_log.items() if t >= job.step}
+    if store is not None:
+        store.save_checkpoint(job.job_id, job.step, job.checkpoint.states)
     return job.checkpoint
 
 
@@ -53,7 +56,7 @@ def recover(job: Job) -> list[int]:
     return dead
 
 
-def recovering_step(job: Job, base_lr: float) -> StepReport:
+def recovering_step(job: Job, base_lr: float, store=None) -> StepReport:
     """One optimizer step; a shard that dies during it is replaced and the step retried once."""
     job.lr_log[job.step] = base_lr
     try:
@@ -62,5 +65,5 @@ def recovering_step(job: Job, base_lr: float) -> StepReport:
         recover(job)
         report = sgd_step(job, base_lr)
     if job.config.checkpoint_every and job.step % job.config.checkpoint_every == 0:
-        take_checkpoint(job)
+        take_checkpoint(job, store)
     return report

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from concurrent import futures
@@ -20,6 +21,7 @@ from service.jobs import Limits
 from service.metrics import Metrics
 from service.runtime import start_ray
 from service.servicer import GradShardServicer
+from service.state import StateStore
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradShard"].full_name
@@ -59,11 +61,13 @@ def serve(settings: Settings, ready: threading.Event | None = None) -> None:
     check_exposure(settings.host, bool(settings.tls_cert), settings.insecure)
     credentials = (server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
                    if settings.tls_cert else None)
-    datasets = DatasetStore(settings.data_dir or None, settings.max_data_bytes)
+    state = StateStore(settings.state_dir) if settings.state_dir else None
+    data_dir = settings.data_dir or (os.path.join(settings.state_dir, "datasets") if settings.state_dir else None)
+    datasets = DatasetStore(data_dir, settings.max_data_bytes)
     limits = Limits(max_shards=settings.max_shards, max_job_bytes=settings.max_job_bytes, max_jobs=settings.max_jobs)
     metrics = Metrics()
     coordinator = Coordinator(call_timeout_s=settings.call_timeout_s, datasets=datasets, limits=limits,
-                              metrics=metrics)
+                              metrics=metrics, state=state)
     server, port, health_servicer = create_server(coordinator, settings.address, settings.workers, credentials,
                                                   settings.token)
     if settings.metrics_port:
@@ -71,6 +75,9 @@ def serve(settings: Settings, ready: threading.Event | None = None) -> None:
     log.info("listening on %s:%d with %s%s (NOT_SERVING until Ray is up)", settings.host, port,
              "TLS" if credentials else "plaintext", " and a bearer token" if settings.token else "")
     start_ray(settings)
+    if state is not None:
+        resumed = coordinator.resume()
+        log.info("resumed %d jobs from %s", len(resumed), settings.state_dir)
     set_serving(health_servicer)
     log.info("serving on %s:%d", settings.host, port)
     stop = threading.Event()

@@ -162,6 +162,11 @@ class GradShardServicer(pb_grpc.GradShardServicer):
         return evaluation_to_pb(self.coordinator.evaluate(request.job_id, _rows(request.batch), split))
 
     @_unary
+    def Checkpoint(self, request, context):
+        step = self.coordinator.checkpoint(request.job_id)
+        return pb.CheckpointResponse(step=step, durable=self.coordinator.state is not None)
+
+    @_unary
     def CheckGradient(self, request, context):
         r = request
         job = self.coordinator.jobs.get(r.job_id)

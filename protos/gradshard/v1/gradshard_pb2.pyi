@@ -498,6 +498,20 @@ class EvaluateResponse(_message.Message):
     step: int
     def __init__(self, loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., rows: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
 
+class CheckpointRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class CheckpointResponse(_message.Message):
+    __slots__ = ("step", "durable")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    durable: bool
+    def __init__(self, step: _Optional[int] = ..., durable: _Optional[bool] = ...) -> None: ...
+
 class CheckGradientRequest(_message.Message):
     __slots__ = ("job_id", "coords_per_shard", "indices", "h", "seed", "batch", "worst")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]

@@ -100,6 +100,11 @@ class GradShardStub:
                 request_serializer=gradshard_dot_v1_dot_gradshard__pb2.EvaluateRequest.SerializeToString,
                 response_deserializer=gradshard_dot_v1_dot_gradshard__pb2.EvaluateResponse.FromString,
                 _registered_method=True)
+        self.Checkpoint = channel.unary_unary(
+                '/gradshard.v1.GradShard/Checkpoint',
+                request_serializer=gradshard_dot_v1_dot_gradshard__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=gradshard_dot_v1_dot_gradshard__pb2.CheckpointResponse.FromString,
+                _registered_method=True)
         self.CheckGradient = channel.unary_unary(
                 '/gradshard.v1.GradShard/CheckGradient',
                 request_serializer=gradshard_dot_v1_dot_gradshard__pb2.CheckGradientRequest.SerializeToString,
@@ -223,6 +228,14 @@ class GradShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Checkpoint(self, request, context):
+        """Checkpoint every shard's state now: in the coordinator, and durably under
+        the server's --state-dir when it has one (the answer's `durable` says which).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CheckGradient(self, request, context):
         """Check the analytic gradient against central finite differences,
         (L(theta + h e_i) - L(theta - h e_i)) / 2h, each shard checking
@@ -301,6 +314,11 @@ def add_GradShardServicer_to_server(servicer, server):
                     servicer.Evaluate,
                     request_deserializer=gradshard_dot_v1_dot_gradshard__pb2.EvaluateRequest.FromString,
                     response_serializer=gradshard_dot_v1_dot_gradshard__pb2.EvaluateResponse.SerializeToString,
+            ),
+            'Checkpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Checkpoint,
+                    request_deserializer=gradshard_dot_v1_dot_gradshard__pb2.CheckpointRequest.FromString,
+                    response_serializer=gradshard_dot_v1_dot_gradshard__pb2.CheckpointResponse.SerializeToString,
             ),
             'CheckGradient': grpc.unary_unary_rpc_method_handler(
                     servicer.CheckGradient,
@@ -660,6 +678,33 @@ class GradShard:
             '/gradshard.v1.GradShard/Evaluate',
             gradshard_dot_v1_dot_gradshard__pb2.EvaluateRequest.SerializeToString,
             gradshard_dot_v1_dot_gradshard__pb2.EvaluateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Checkpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradshard.v1.GradShard/Checkpoint',
+            gradshard_dot_v1_dot_gradshard__pb2.CheckpointRequest.SerializeToString,
+            gradshard_dot_v1_dot_gradshard__pb2.CheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,
