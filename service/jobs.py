@@ -59,6 +59,7 @@ class Limits:
 
     max_shards: int = 64                # shards per job (each is a process)
     max_jobs: int = 64                  # jobs a coordinator holds at once
+    max_params: int = 100_000_000       # parameters of one job
     max_job_bytes: int = 16 << 30       # data + parameters + optimizer state, over all shards
 
 
@@ -74,6 +75,9 @@ def job_bytes(spec: ModelSpec, config: JobConfig, rows: int) -> int:
 def check_limits(spec: ModelSpec, config: JobConfig, rows: int, limits: Limits) -> None:
     if config.shards > spec.n_units:   # a malformed request before a limit
         raise ValueError(f"shards must be between 1 and {spec.n_units} (the number of units), got {config.shards}")
+    if spec.n_params > limits.max_params:
+        raise ResourceExhausted(f"the model has {spec.n_params:,} parameters; this server allows "
+                                f"{limits.max_params:,} per job (server flag --max-params)")
     if config.shards > limits.max_shards:
         raise ResourceExhausted(f"shards={config.shards} is more than this server allows ({limits.max_shards}; "
                                 f"server flag --max-shards)")

@@ -24,6 +24,7 @@ from service.servicer import GradShardServicer
 from service.state import StateStore
 
 log = logging.getLogger(__name__)
+MAX_MESSAGE_BYTES = 4 << 20
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradShard"].full_name
 
 
@@ -35,7 +36,12 @@ def create_server(coordinator: Coordinator, address: str, workers: int = 16,
     With credentials it serves TLS only; with a token every call but health checks must carry it.
     """
     interceptors = [TokenInterceptor(token)] if token else []
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=interceptors)
+    # Messages are at most one 1 MiB chunk plus a little: say so, rather than rely on the
+    # library's default (a larger message gets RESOURCE_EXHAUSTED).
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=interceptors,
+                         options=options)
     pb_grpc.add_GradShardServicer_to_server(GradShardServicer(coordinator), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -64,7 +70,8 @@ def serve(settings: Settings, ready: threading.Event | None = None) -> None:
     state = StateStore(settings.state_dir) if settings.state_dir else None
     data_dir = settings.data_dir or (os.path.join(settings.state_dir, "datasets") if settings.state_dir else None)
     datasets = DatasetStore(data_dir, settings.max_data_bytes)
-    limits = Limits(max_shards=settings.max_shards, max_job_bytes=settings.max_job_bytes, max_jobs=settings.max_jobs)
+    limits = Limits(max_shards=settings.max_shards, max_job_bytes=settings.max_job_bytes, max_jobs=settings.max_jobs,
+                    max_params=settings.max_params)
     metrics = Metrics()
     coordinator = Coordinator(call_timeout_s=settings.call_timeout_s, datasets=datasets, limits=limits,
                               metrics=metrics, state=state)

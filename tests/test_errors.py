@@ -143,8 +143,10 @@ EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 @pytest.mark.parametrize("kwargs,match", [
     (dict(model="softmax", shards=2, rows=5, features=4, outputs=3, cpus_per_shard=3), "needs 6 CPUs"),
     (dict(model="linear", rows=10 ** 12, features=4), "the job needs about 16,000,000,000,040 bytes"),
-    (dict(model="linear", rows=10, features=10 ** 12), "the limit is 17,179,869,184"),
-    (dict(model="softmax", rows=10, features=4, outputs=10 ** 12), "bytes in its shards"),
+    (dict(model="linear", rows=10, features=10 ** 12), "per job (server flag --max-params)"),
+    (dict(model="softmax", rows=10, features=4, outputs=10 ** 12), "per job (server flag --max-params)"),
+    (dict(model="mlp", hidden=4, rows=10 ** 6, features=5000, outputs=2, shards=2),
+     "the limit is 17,179,869,184 (server flag --max-job-bytes)"),      # each MLP shard holds all of X
     (dict(model="mlp", hidden=1000, rows=10, features=4, outputs=2, shards=65), "shards=65 is more than this server "
                                                                              "allows (64; server flag --max-shards)"),
 ])
@@ -154,10 +156,10 @@ def test_requests_beyond_the_limits_are_resource_exhausted(client, kwargs, match
 
 def test_huge_class_count_from_a_file_is_resource_exhausted(client, tmp_path):
     np.savez(tmp_path / "labels.npz", X=np.zeros((3, 1000)), y=np.array([0, 1, 10 ** 12]))
-    expect(EXHAUSTED, "the job needs about", client.create_job, "softmax", npz_path=str(tmp_path / "labels.npz"))
+    expect(EXHAUSTED, "server flag --max-params", client.create_job, "softmax", npz_path=str(tmp_path / "labels.npz"))
 
 
-def test_after_all_bad_requests_the_job_is_intact_and_the_server_serves(client, good_job):
+def test_zz_after_all_bad_requests_the_job_is_intact_and_the_server_serves(client, good_job):
     """Runs last in this module: nothing committed was lost or changed."""
     job, params = good_job
     assert client.get_job(job.job_id).step == 0
@@ -165,3 +167,15 @@ def test_after_all_bad_requests_the_job_is_intact_and_the_server_serves(client, 
     for name in params:
         np.testing.assert_array_equal(after[name], params[name])
     assert list(client.step(job.job_id, 1))[0].step == 1
+
+
+def test_too_many_parameters_is_resource_exhausted(client):
+    # 20,000 features x 10,000 classes: 200 million parameters, over the default 100 million
+    expect(EXHAUSTED, "the model has 200,010,000 parameters; this server allows 100,000,000 per job",
+           client.create_job, "softmax", rows=1, features=20_000, outputs=10_000)
+
+
+def test_a_message_over_the_size_limit_is_resource_exhausted(client, good_job):
+    big = pb.GetJobRequest(job_id="x" * (5 << 20))
+    expect(EXHAUSTED, "", client.stub.GetJob, big, timeout=30)
+    assert client.get_job(good_job[0].job_id).job_id == good_job[0].job_id
