@@ -174,6 +174,9 @@ class Coordinator:
         with using(job), self._marking(job):
             theta = flat_from(job, named, partial=True)
             job.group.call("set_params", each=[{"theta": theta[s.begin:s.end]} for s in job.plan.param_slices()])
+            # A recovery restores the last checkpoint and replays the steps since; values set
+            # here are not a step, so they start a new checkpoint (durable with --state-dir).
+            take_checkpoint(job, self.state)
             return job
 
     # --- computations -------------------------------------------------------------------
@@ -239,7 +242,11 @@ class Coordinator:
                 evaluation = None
                 last = i == steps - 1
                 if len(job.holdout_rows) and (last or (eval_every and report.step % eval_every == 0)):
-                    evaluation = self._evaluate(job, job.holdout_rows)
+                    try:
+                        evaluation = self._evaluate(job, job.holdout_rows)
+                    except ShardUnavailable:      # training goes on: recover, evaluate again
+                        recover(job)
+                        evaluation = self._evaluate(job, job.holdout_rows)
             self._observe(job, report)
             if evaluation is not None:
                 log.info("%s step %d: held-out loss %.6g", job.job_id, report.step, evaluation.loss,

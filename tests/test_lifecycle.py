@@ -177,3 +177,23 @@ def test_the_number_of_jobs_is_limited():
         local_job(c)
     c.delete_job(first.job_id)
     assert local_job(c).job_id                     # room again after a delete
+
+
+def test_parameters_set_by_a_client_survive_a_shard_death(client, server):
+    import os
+    import signal
+
+    job = client.create_job("linear", shards=2, rows=30, features=4, dtype="float64", checkpoint_every=100)
+    list(client.step(job.job_id, 3))
+    mine = {"W": np.arange(4.0).reshape(4, 1), "b": np.array([0.5])}
+    client.set_params(job.job_id, mine)
+    assert client.get_job(job.job_id).checkpoint_step == 3            # the set values are the new base
+    list(client.step(job.job_id, 2, learning_rate=0.05))
+    expected = client.get_params(job.job_id, flat=True)["flat"]
+    os.kill(pids(server, job.job_id)[0], signal.SIGKILL)
+    with pytest.raises(grpc.RpcError) as e:
+        client.gradient(job.job_id)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    # restored from the checkpoint with the client's values, and the two steps (lr 0.05) replayed
+    np.testing.assert_array_equal(client.get_params(job.job_id, flat=True)["flat"], expected)
+    client.delete_job(job.job_id)
