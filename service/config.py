@@ -20,7 +20,7 @@ class Settings:
     ray_cpus: int = _f(0, "CPUs of the embedded local Ray; 0 = all of this machine's")
     object_store_mb: int = _f(0, "object store of the embedded Ray in MiB; 0 = Ray's default")
     call_timeout_s: float = _f(600.0, "longest wait for the shards of one call")
-    workers: int = _f(16, "server threads (concurrent RPCs)")
+    workers: int = _f(64, "server threads (concurrent RPCs)")
     grace_s: float = _f(5.0, "seconds in-flight RPCs get on shutdown")
     state_dir: str = _f("", "keep job definitions and checkpoints here and resume them after a restart; \"\" = off")
     data_dir: str = _f("", "where uploaded data sets are kept; \"\" = a new temporary directory")
