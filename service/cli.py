@@ -139,6 +139,25 @@ def save_plot(events: list, path: str) -> None:
     plt.close(fig)
 
 
+def _cosine_length(a: argparse.Namespace) -> int:
+    """Steps of the cosine after warm-up: --total-steps, or what --steps / --epochs will run."""
+    from workers.data import batches_per_epoch
+
+    if a.total_steps:
+        return a.total_steps
+    if a.steps:
+        return max(1, a.steps - a.warmup)
+    if a.data:
+        if not os.path.exists(a.data):
+            raise SystemExit("--schedule cosine with --epochs needs --total-steps when --data is not readable here")
+        from workers.npz import describe
+        rows = describe(a.data)["X"].shape[0]
+    else:
+        rows = a.rows
+    held = max(1, int(a.holdout * rows)) if a.holdout > 0 else 0
+    return max(1, a.epochs * batches_per_epoch(rows - held, a.batch_size) - a.warmup)
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     from service.client import optimizer, schedule
 
@@ -147,9 +166,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     opt = optimizer(a.optimizer, weight_decay=a.weight_decay, **({"momentum": a.momentum}
                                                                  if a.optimizer == "momentum" else {}),
                     nesterov=a.nesterov)
-    total = a.steps or 0
     sch = schedule(a.schedule, warmup_steps=a.warmup, step_size=a.step_size if a.schedule == "step" else 0,
-                   total_steps=a.total_steps or total if a.schedule == "cosine" else 0)
+                   total_steps=_cosine_length(a) if a.schedule == "cosine" else 0)
     with connect(a.server, a=a) as client:
         job = _create(client, a, learning_rate=a.lr, batch_size=a.batch_size, optimizer=opt, schedule=sch,
                       clip_norm=a.clip_norm, holdout_fraction=a.holdout)
@@ -270,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=["constant", "step", "cosine"], default="constant")
     p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
     p.add_argument("--step-size", type=int, default=100, help="step schedule: steps between decays")
-    p.add_argument("--total-steps", type=int, default=0, help="cosine length (default: --steps)")
+    p.add_argument("--total-steps", type=int, default=0,
+                   help="cosine length after warm-up (default: the steps --steps or --epochs will run, minus --warmup)")
     p.add_argument("--clip-norm", type=float, default=0.0, help="clip the global gradient norm (0: off)")
     p.add_argument("--steps", type=int, default=0)
     p.add_argument("--epochs", type=int, default=0)

@@ -28,6 +28,7 @@ class Settings:
     max_shards: int = _f(64, "shards per job; each is a process (RESOURCE_EXHAUSTED beyond)")
     max_jobs: int = _f(64, "jobs held at once (RESOURCE_EXHAUSTED beyond)")
     max_params: int = _f(100_000_000, "parameters of one job (RESOURCE_EXHAUSTED beyond)")
+    metrics_host: str = _f("127.0.0.1", "interface of the metrics endpoint (plain HTTP; it names job ids)")
     metrics_port: int = _f(0, "Prometheus metrics on http://host:metrics_port/metrics; 0 = off")
     log_format: str = _f("text", "\"text\", or \"json\": one JSON object per line with job_id and step")
     tls_cert: str = _f("", "server certificate (PEM) for TLS; with tls_key")

@@ -18,7 +18,7 @@ import numpy as np
 
 from service.datasets import DatasetStore
 from service.fdcheck import CheckResult, check_gradient, choose_coordinates
-from service.errors import Aborted, ShardUnavailable
+from service.errors import Aborted, FailedPrecondition, ShardUnavailable
 from service.metrics import Metrics
 from service.jobs import Job, JobConfig, JobRegistry, Limits, check_room, resolve, using
 from service.params import flat_from
@@ -72,6 +72,7 @@ class Coordinator:
                  state: StateStore | None = None) -> None:
         self.jobs = JobRegistry()
         self.state = state
+        self.ready = True            # serve() holds calls off (UNAVAILABLE) while it resumes jobs
         self.metrics = metrics
         self._placement_timeout = placement_timeout_s
         self.limits = limits
@@ -101,15 +102,20 @@ class Coordinator:
             if resume is not None:
                 job.step = resume[0]
                 group.call("restore", each=[{"state": st} for st in resume[1]])
-                take_checkpoint(job)
-            else:
-                if self.state is not None:
-                    self.state.save_job(job.job_id, config)
-                take_checkpoint(job, self.state)               # step 0: what a recovery starts from
+            take_checkpoint(job)                               # what a recovery starts from
             self.jobs.add(job, self.limits.max_jobs)           # authoritative, under the registry's lock
         except BaseException:
             group.close()
             raise
+        if resume is None and self.state is not None:         # on disk only once the job is accepted
+            try:
+                self.state.save_job(job.job_id, config)
+                self.state.save_checkpoint(job.job_id, job.step, job.checkpoint.states)
+            except BaseException:
+                self.jobs.pop(job.job_id)
+                group.close()
+                self.state.delete_job(job.job_id)
+                raise
         if self.metrics:
             self.metrics.job_created(job.job_id, plan.n_shards)
         log.info("created %s: %s, %d params, %d shards", job.job_id, spec.kind, spec.n_params, plan.n_shards,
@@ -148,6 +154,14 @@ class Coordinator:
                 log.error("cannot resume %s: %s", job_id, exc, extra={"job_id": job_id})
         return resumed
 
+    def delete_dataset(self, dataset_id: str) -> None:
+        """Forget an upload; refused while a job reads it (a recovery or a restart would need it)."""
+        self.datasets.get(dataset_id)
+        users = [j.job_id for j in self.jobs.all() if j.config.data.dataset_id == dataset_id]
+        if users:
+            raise FailedPrecondition(f"data set {dataset_id} is used by {', '.join(users)}; delete those jobs first")
+        self.datasets.delete(dataset_id)
+
     def checkpoint(self, job_id: str) -> int:
         """Checkpoint now (durably with --state-dir); returns the step."""
         job = self.jobs.get(job_id)
@@ -155,8 +169,14 @@ class Coordinator:
             return take_checkpoint(job, self.state).step
 
     def close(self) -> None:
+        """Stop every job's shards (server shutdown). Durable state stays for the next start."""
         for job in self.jobs.all():
-            self.delete_job(job.job_id)
+            self.jobs.pop(job.job_id)
+            with job.lock:
+                job.closed = True
+                job.group.close()
+            if self.metrics:
+                self.metrics.job_deleted(job.job_id)
 
     # --- parameters -------------------------------------------------------------------
     def get_params(self, job_id: str) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -19,6 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from service.errors import NotFound, ResourceExhausted
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,13 @@ class DatasetStore:
         self.max_bytes = max_bytes
         self._sets: dict[str, Dataset] = {}
         self._lock = threading.Lock()
+        self._reserved = 0           # bytes of uploads being written
         for meta in Path(self.directory).glob("data-*.json"):     # kept from before a restart
-            d = Dataset(**json.loads(meta.read_text()))
+            try:
+                d = Dataset(**json.loads(meta.read_text()))
+            except (OSError, ValueError, TypeError) as exc:
+                log.error("skipping unreadable data set record %s: %s", meta, exc)
+                continue
             if os.path.exists(d.path):
                 self._sets[d.dataset_id] = d
 
@@ -70,16 +78,27 @@ class DatasetStore:
         with self._lock:
             return sum(d.nbytes for d in self._sets.values())
 
-    def check_room(self, nbytes: int) -> None:
-        """RESOURCE_EXHAUSTED before anything is allocated if an upload would not fit."""
-        used = self.used_bytes()
-        if used + nbytes > self.max_bytes:
-            raise ResourceExhausted(f"upload of {nbytes} bytes exceeds the data limit: {used} of "
-                                    f"{self.max_bytes} bytes are in use (server flag --max-data-bytes)")
+    def check_room(self, nbytes: int, reserve: bool = False) -> None:
+        """RESOURCE_EXHAUSTED if an upload would not fit (uploads being written count too)."""
+        with self._lock:
+            used = sum(d.nbytes for d in self._sets.values()) + self._reserved
+            if used + nbytes > self.max_bytes:
+                raise ResourceExhausted(f"upload of {nbytes} bytes exceeds the data limit: {used} of "
+                                        f"{self.max_bytes} bytes are in use (server flag --max-data-bytes)")
+            if reserve:
+                self._reserved += nbytes
 
     def add(self, name: str, X: np.ndarray, y: np.ndarray, classes: int = 0) -> Dataset:
         validate(X, y, classes)
-        self.check_room(X.nbytes + y.nbytes)
+        nbytes = X.nbytes + y.nbytes
+        self.check_room(nbytes, reserve=True)
+        try:
+            return self._write(name, X, y, nbytes)
+        finally:
+            with self._lock:
+                self._reserved -= nbytes
+
+    def _write(self, name: str, X: np.ndarray, y: np.ndarray, nbytes: int) -> Dataset:
         dataset_id = f"data-{uuid.uuid4().hex[:12]}"
         path = os.path.join(self.directory, f"{dataset_id}.npz")
         fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".partial")
@@ -94,7 +113,12 @@ class DatasetStore:
             raise
         dataset = Dataset(dataset_id, name, path, X.shape[0], X.shape[1], X.nbytes + y.nbytes, str(y.dtype))
         meta = Path(self.directory) / f"{dataset_id}.json"
-        meta.write_text(json.dumps(dataclasses.asdict(dataset)))
+        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".partial")
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(dataclasses.asdict(dataset)))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, meta)
         with self._lock:
             self._sets[dataset_id] = dataset
         return dataset

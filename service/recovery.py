@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
+
 from service.errors import ShardUnavailable
 from service.jobs import Job
 from service.step import StepReport, sgd_step
@@ -27,7 +29,10 @@ class Checkpoint:
 
 def take_checkpoint(job: Job, store=None) -> Checkpoint:
     """Copy every shard's state into the coordinator, and to --state-dir when there is one."""
-    job.checkpoint = Checkpoint(job.step, job.group.call("state"))
+    # Copies: Ray hands the caller read-only views pinned in its object store.
+    states = [{k: (np.array(v) if isinstance(v, np.ndarray) else v) for k, v in st.items()}
+              for st in job.group.call("state")]
+    job.checkpoint = Checkpoint(job.step, states)
     job.lr_log = {t: lr for t, lr in job.lr_log.items() if t >= job.step}
     if store is not None:
         store.save_checkpoint(job.job_id, job.step, job.checkpoint.states)
@@ -65,5 +70,9 @@ def recovering_step(job: Job, base_lr: float, store=None) -> StepReport:
         recover(job)
         report = sgd_step(job, base_lr)
     if job.config.checkpoint_every and job.step % job.config.checkpoint_every == 0:
-        take_checkpoint(job, store)
+        try:
+            take_checkpoint(job, store)
+        except ShardUnavailable:         # the step is applied: recover to it, then checkpoint it
+            recover(job)
+            take_checkpoint(job, store)
     return report

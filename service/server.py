@@ -78,13 +78,16 @@ def serve(settings: Settings, ready: threading.Event | None = None) -> None:
     server, port, health_servicer = create_server(coordinator, settings.address, settings.workers, credentials,
                                                   settings.token)
     if settings.metrics_port:
-        log.info("metrics on http://%s:%d/metrics", settings.host, metrics.serve(settings.metrics_port, settings.host))
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_host,
+                 metrics.serve(settings.metrics_port, settings.metrics_host))
     log.info("listening on %s:%d with %s%s (NOT_SERVING until Ray is up)", settings.host, port,
              "TLS" if credentials else "plaintext", " and a bearer token" if settings.token else "")
     start_ray(settings)
     if state is not None:
+        coordinator.ready = False            # calls wait (UNAVAILABLE) until the saved jobs are back
         resumed = coordinator.resume()
         log.info("resumed %d jobs from %s", len(resumed), settings.state_dir)
+        coordinator.ready = True
     set_serving(health_servicer)
     log.info("serving on %s:%d", settings.host, port)
     stop = threading.Event()

@@ -55,11 +55,18 @@ def _abort(servicer, method: str, context: grpc.ServicerContext, exc: Exception)
     context.abort(code, str(exc) if code != grpc.StatusCode.INTERNAL else f"internal error: {exc!r}")
 
 
+def _check_ready(servicer) -> None:
+    if not servicer.coordinator.ready:
+        raise errors.Unavailable("the server is starting (resuming its jobs); retry when its health service "
+                                 "says SERVING")
+
+
 def _unary(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapper(self, request, context):
         t0 = time.perf_counter()
         try:
+            _check_ready(self)
             return method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
             _abort(self, method.__name__, context, exc)
@@ -74,6 +81,7 @@ def _streaming(method: Callable) -> Callable:
     def wrapper(self, request, context):
         t0 = time.perf_counter()
         try:
+            _check_ready(self)
             yield from method(self, request, context)
         except Exception as exc:  # noqa: BLE001
             _abort(self, method.__name__, context, exc)
@@ -221,7 +229,7 @@ class GradShardServicer(pb_grpc.GradShardServicer):
 
     @_unary
     def DeleteDataset(self, request, context):
-        self.coordinator.datasets.delete(request.dataset_id)
+        self.coordinator.delete_dataset(request.dataset_id)
         return pb.DeleteDatasetResponse()
 
     def _read_job_tensors(self, requests: Iterator, field: str):

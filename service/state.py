@@ -1,7 +1,7 @@
 """Durable job state under --state-dir: job definitions and complete sets of shard checkpoints.
 
     STATE/jobs/<job_id>/job.json             the JobConfig
-    STATE/jobs/<job_id>/ckpt-<step>/shard-<s>.npz   one shard's parameters, step and optimizer state
+    STATE/jobs/<job_id>/ckpt-<step>-<id>/shard-<s>.npz   one shard's parameters, step and optimizer state
     STATE/jobs/<job_id>/manifest.json        names the newest complete checkpoint (with checksums)
 
 Every file is written to a temporary name, fsynced, renamed into place, and its directory
@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -84,8 +85,10 @@ class StateStore:
     def save_checkpoint(self, job_id: str, step: int, states: list[dict]) -> None:
         """Write every shard's state, then the manifest naming them; drop older sets."""
         d = self._job_dir(job_id)
-        ckpt = d / f"ckpt-{step}"
-        ckpt.mkdir(exist_ok=True)
+        # A fresh directory for every set, even at the same step: the set the manifest names
+        # is never written over.
+        ckpt = d / f"ckpt-{step}-{uuid.uuid4().hex[:8]}"
+        ckpt.mkdir()
         files = {}
         for s, st in enumerate(states):
             arrays = {k: np.asarray(v) for k, v in st.items() if v is not None}

@@ -157,3 +157,14 @@ def test_train_shows_progress_and_writes_parameters_and_a_plot(server, data_and_
     with np.load(out) as f:
         assert set(f.files) == {"W1", "b1", "W2", "b2"} and f["W1"].shape == (8, 6)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_with_a_cosine_over_epochs_sizes_the_cosine_itself(server, data_and_params):
+    d = data_and_params[0]
+    proc = run("train", "--server", server[0], "--model", "mlp", "--hidden", "6", "--data", str(d / "data.npz"),
+               "--schedule", "cosine", "--warmup", "2", "--epochs", "2", "--batch-size", "16", "--every", "1",
+               "--shards", "2")
+    # 60 rows, 12 held out, 48 train in batches of 16: 3 steps per epoch, 6 steps, cosine over 4
+    assert "trained 6 steps" in proc.stdout, proc.stdout
+    lrs = [float(x) for x in re.findall(r"lr ([0-9.e+-]+)", proc.stdout)]
+    assert lrs[:2] == [0.0005, 0.001] and lrs[-1] < lrs[2] and len(lrs) == 6

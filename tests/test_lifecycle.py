@@ -197,3 +197,50 @@ def test_parameters_set_by_a_client_survive_a_shard_death(client, server):
     # restored from the checkpoint with the client's values, and the two steps (lr 0.05) replayed
     np.testing.assert_array_equal(client.get_params(job.job_id, flat=True)["flat"], expected)
     client.delete_job(job.job_id)
+
+
+def test_a_shard_dying_during_the_periodic_checkpoint_does_not_fail_the_step(monkeypatch):
+    from service.errors import ShardUnavailable
+
+    c = Coordinator(LocalShardGroup)
+    job = local_job(c, checkpoint_every=2, batch_size=8)
+    twin = local_job(c, checkpoint_every=2, batch_size=8)
+    real, failed = Shard.state, []
+
+    def dies_once(self):
+        if not failed and self.index == 2:
+            failed.append(True)
+            raise ShardUnavailable("a shard died during state: RayActorError; retry the call")
+        return real(self)
+
+    monkeypatch.setattr(Shard, "state", dies_once)
+    reports = list(c.step(job.job_id, 5))
+    assert failed and [r.step for r in reports] == [1, 2, 3, 4, 5] and not job.broken
+    assert job.checkpoint.step == 4
+    list(c.step(twin.job_id, 5))
+    np.testing.assert_array_equal(c.get_params(job.job_id), c.get_params(twin.job_id))
+
+
+def test_the_server_answers_unavailable_while_it_resumes(client, server):
+    server[1].ready = False
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            client.list_jobs()
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "the server is starting" in e.value.details()
+    finally:
+        server[1].ready = True
+    client.list_jobs()
+
+
+def test_a_refused_job_leaves_nothing_on_disk(tmp_path):
+    from service.errors import ResourceExhausted
+    from service.jobs import Limits
+    from service.state import StateStore
+
+    c = Coordinator(LocalShardGroup, limits=Limits(max_jobs=1), state=StateStore(str(tmp_path)))
+    kept = local_job(c)
+    with pytest.raises(ResourceExhausted):
+        local_job(c)
+    assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == [kept.job_id]
+    c.close()                                             # a shutdown keeps what is on disk
+    assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == [kept.job_id]

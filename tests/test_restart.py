@@ -78,6 +78,21 @@ def test_a_killed_server_resumes_its_jobs_from_the_last_checkpoint(tmp_path):
             kill(proc)
 
 
+def test_a_graceful_stop_keeps_the_state(tmp_path):
+    state, port = tmp_path / "state", free_port()
+    proc, client = start_server(state, port)
+    try:
+        job = client.create_job("linear", rows=20, features=3, dtype="float64", checkpoint_every=2)
+        list(client.step(job.job_id, 4))
+        proc.send_signal(signal.SIGTERM)                  # as Kubernetes stops a pod
+        assert proc.wait(timeout=60) == 0
+        proc, client = start_server(state, port)
+        assert [(j.job_id, j.step) for j in client.list_jobs()] == [(job.job_id, 4)]
+    finally:
+        if proc.poll() is None:
+            kill(proc)
+
+
 def states(n, step):
     return [{"theta": np.full(4, float(s + step)), "step": step, "opt_t": step, "m": None, "v": None}
             for s in range(n)]
@@ -95,18 +110,38 @@ def test_the_manifest_names_only_complete_checkpoints(tmp_path):
     [(job_id, loaded, step, shard_states)] = store.load()
     assert (job_id, step, loaded) == ("job-a", 5, config)
     np.testing.assert_array_equal(shard_states[1]["theta"], np.full(4, 6.0))
-    assert sorted(p.name for p in (tmp_path / "jobs" / "job-a").iterdir()) == [
-        "ckpt-10", "ckpt-5", "job.json", "manifest.json"]
     store.save_checkpoint("job-a", 15, states(2, 15))          # a complete set replaces the others
-    assert sorted(p.name for p in (tmp_path / "jobs" / "job-a").iterdir()) == ["ckpt-15", "job.json",
-                                                                               "manifest.json"]
+    names = sorted(p.name for p in (tmp_path / "jobs" / "job-a").iterdir())
+    assert len(names) == 3 and names[0].startswith("ckpt-15-") and names[1:] == ["job.json", "manifest.json"]
+
+
+def test_a_second_checkpoint_at_the_same_step_never_overwrites_the_named_set(tmp_path, monkeypatch):
+    store = StateStore(str(tmp_path))
+    store.save_job("job-c", JobConfig("linear", DataSpec("synthetic", rows=4, seed=1), features=3))
+    store.save_checkpoint("job-c", 0, states(2, 0))
+    # The same step again (SetParameters right after creation), and a crash before its manifest.
+    import service.state as state_module
+    real = state_module._write_atomic
+
+    def crash_at_manifest(path, write):
+        if path.name == "manifest.json":
+            raise OSError("power cut")
+        real(path, write)
+
+    monkeypatch.setattr(state_module, "_write_atomic", crash_at_manifest)
+    with pytest.raises(OSError):
+        store.save_checkpoint("job-c", 0, [{**st, "theta": st["theta"] + 100} for st in states(2, 0)])
+    monkeypatch.setattr(state_module, "_write_atomic", real)
+    [(_, _, step, shard_states)] = store.load()
+    assert step == 0
+    np.testing.assert_array_equal(shard_states[1]["theta"], np.full(4, 1.0))   # the first set, intact
 
 
 def test_a_damaged_checkpoint_is_not_resumed(tmp_path, caplog):
     store = StateStore(str(tmp_path))
     store.save_job("job-b", JobConfig("linear", DataSpec("synthetic", rows=4, seed=1), features=3))
     store.save_checkpoint("job-b", 3, states(1, 3))
-    shard = tmp_path / "jobs" / "job-b" / "ckpt-3" / "shard-0.npz"
+    [shard] = (tmp_path / "jobs" / "job-b").glob("ckpt-3-*/shard-0.npz")
     shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789")
     assert store.load() == []
     assert "does not match its checksum" in caplog.text

@@ -107,6 +107,9 @@ def test_an_upload_larger_than_a_chunk_round_trips_exactly(client, server):
     loss, expected = ref.loss_and_grads("softmax", client.get_params(job.job_id), X, y)
     assert summary.loss == pytest.approx(loss, rel=1e-12)
     np.testing.assert_allclose(grads["W"], expected["W"], rtol=1e-9, atol=1e-15)
+    with pytest.raises(grpc.RpcError) as e:                  # a job still reads it
+        client.delete_dataset(d.dataset_id)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and job.job_id in e.value.details()
     client.delete_job(job.job_id)
     client.delete_dataset(d.dataset_id)
     assert d.dataset_id not in [x.dataset_id for x in client.list_datasets()]
@@ -231,3 +234,31 @@ def test_optimizers_through_the_api_equal_the_numpy_reference(client, tmp_path, 
     got_flat = np.concatenate([got[k].ravel() for k in names])
     assert np.max(np.abs(got_flat - flat)) <= 1e-9 * np.max(np.abs(flat))
     client.delete_job(job.job_id)
+
+
+def test_concurrent_uploads_cannot_exceed_the_data_limit(tmp_path):
+    import threading
+
+    from service.datasets import DatasetStore
+    from service.errors import ResourceExhausted
+
+    store = DatasetStore(str(tmp_path), max_bytes=10 << 20)
+    n = (15 << 20) // 32
+    X, y = np.zeros((n, 1)), np.zeros(n)                          # 7.5 MiB per upload
+    outcomes = []
+
+    def upload():
+        try:
+            store.add("big", X, y)
+            outcomes.append("ok")
+        except ResourceExhausted:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=upload) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["ok", "refused", "refused"] and store.used_bytes() <= 10 << 20
+    (tmp_path / "data-garbage.json").write_text("{not json")
+    assert len(DatasetStore(str(tmp_path), max_bytes=10 << 20).all()) == 1   # a damaged record is skipped
