@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         if "W4" in only:
             rows.append(w.gradient_fetch(client))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
+            rows.append(w.transport_only())
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
         if "W5" in only:
             for r in w.bytes_vs_params(client):
                 rows.append(r)

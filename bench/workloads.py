@@ -138,6 +138,42 @@ def gradient_fetch(client: Client, repeats: int = 10) -> Row:
         client.delete_job(job.job_id)
 
 
+def transport_only(repeats: int = 20) -> Row:
+    """W4's ceiling: a prepared 4 MB float32 tensor streamed in 1 MiB chunks by a bare gRPC
+    server in this process to a Python client (our encode and decode, nothing else)."""
+    from concurrent import futures
+
+    import grpc
+
+    from gradshard.v1 import gradshard_pb2 as pb
+    from gradshard.v1 import gradshard_pb2_grpc as pb_grpc
+    from service.tensors import decode_stream, encode
+
+    flat = np.random.default_rng(0).random(1_000_000).astype(np.float32)
+
+    class Bare(pb_grpc.GradShardServicer):
+        def GetParameters(self, request, context):
+            yield from encode("flat", flat)
+
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    pb_grpc.add_GradShardServicer_to_server(Bare(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.GradShardStub(channel)
+        times = []
+        for _ in range(repeats + 3):
+            t0 = time.perf_counter()
+            decode_stream(stub.GetParameters(pb.GetParametersRequest(job_id="bare")))
+            times.append(time.perf_counter() - t0)
+    server.stop(0)
+    row = Row("W4 ceiling: bare gRPC, 1M float32", 0, flat.size)
+    row.service_ms, row.service_spread_ms = (v * 1e3 for v in _median_iqr(times[3:]))
+    row.bytes_per_step = flat.nbytes
+    row.note = f"{flat.nbytes / statistics.median(times[3:]) / 1e9:.2f} GB/s"
+    return row
+
+
 def bytes_vs_params(client: Client) -> list[Row]:
     """W5: bytes per step at a fixed batch for 10^5, 10^6 and 10^7 parameters."""
     rows = []
