@@ -193,6 +193,7 @@ class Coordinator:
         job = self.jobs.get(job_id)
         with using(job), self._marking(job):
             theta = flat_from(job, named, partial=True)
+            job.shard_epoch += 1          # new parameters: a prefetched forward is stale
             job.group.call("set_params", each=[{"theta": theta[s.begin:s.end]} for s in job.plan.param_slices()])
             # A recovery restores the last checkpoint and replays the steps since; values set
             # here are not a step, so they start a new checkpoint (durable with --state-dir).
@@ -230,7 +231,7 @@ class Coordinator:
             with using(job), self._marking(job):
                 if i == 0:
                     _check_expected(job, expected_step)
-                report = recovering_step(job, learning_rate, self.state)
+                report = recovering_step(job, learning_rate, self.state, prefetch_next=i < steps - 1)
             self._observe(job, report)
             yield report       # outside the lock: a slow reader must not block the job
 
@@ -257,7 +258,7 @@ class Coordinator:
             with using(job), self._marking(job):
                 if i == 0:
                     _check_expected(job, expected_step)
-                report = recovering_step(job, learning_rate, self.state)
+                report = recovering_step(job, learning_rate, self.state, prefetch_next=i < steps - 1)
                 examples += report.batch_rows
                 evaluation = None
                 last = i == steps - 1

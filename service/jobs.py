@@ -167,6 +167,8 @@ class Job:
     checkpoint: object = None     # service.recovery.Checkpoint: the latest copy of every shard's state
     lr_log: dict = field(default_factory=dict)   # step -> base learning-rate override, for replay
     closed: bool = False          # deleted: calls that still hold the object must not touch the shards
+    shard_epoch: int = 0          # bumped by every call that may replace what the shards keep from a forward
+    prefetched: object = None     # service.step.Prefetch: the next step's forward, computed during this one
     broken: str = ""              # why the shards may disagree (a failed step); "" when they agree
     holdout_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 

@@ -45,6 +45,8 @@ def recover(job: Job) -> list[int]:
     Returns the replaced shards. Raises ShardUnavailable (and marks the job unusable) when
     a shard cannot be restarted.
     """
+    job.shard_epoch += 1              # restored shards keep nothing from an earlier forward
+    job.prefetched = None
     try:
         dead = job.group.replace_dead(job.config.data)
         target, ckpt = job.step, job.checkpoint
@@ -61,14 +63,14 @@ def recover(job: Job) -> list[int]:
     return dead
 
 
-def recovering_step(job: Job, base_lr: float, store=None) -> StepReport:
+def recovering_step(job: Job, base_lr: float, store=None, prefetch_next: bool = False) -> StepReport:
     """One optimizer step; a shard that dies during it is replaced and the step retried once."""
     job.lr_log[job.step] = base_lr
     try:
-        report = sgd_step(job, base_lr)
+        report = sgd_step(job, base_lr, prefetch_next)
     except ShardUnavailable:
         recover(job)
-        report = sgd_step(job, base_lr)
+        report = sgd_step(job, base_lr, prefetch_next)
     if job.config.checkpoint_every and job.step % job.config.checkpoint_every == 0:
         try:
             take_checkpoint(job, store)

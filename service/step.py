@@ -34,6 +34,15 @@ class Forward:
 
 
 @dataclass
+class Prefetch:
+    """A forward done by the shards at the end of the previous step's update call."""
+
+    step: int                     # the job step (0-based) it is the forward of
+    shard_epoch: int              # valid only while no other call has touched the shards
+    forward: Forward
+
+
+@dataclass
 class StepReport:
     step: int                     # the job's step after this one
     loss: float                   # before the update, on this step's batch
@@ -78,6 +87,7 @@ def forward(job: Job, rows: np.ndarray | None, theta: np.ndarray | None = None, 
 
     keep=False tells the shards not to keep what a backward would need (evaluation).
     """
+    job.shard_epoch += 1          # whatever the shards kept from an earlier forward is gone
     token = next(_calls)
     group = job.group
     each = None
@@ -100,19 +110,27 @@ def step_rows(job: Job, step: int) -> tuple[np.ndarray | None, int]:
     return (positions if job.train_rows is None else job.train_rows[positions]), epoch
 
 
-def sgd_step(job: Job, base_lr: float = 0.0) -> StepReport:
-    """One synchronized optimizer step; base_lr overrides the job's learning rate when > 0."""
+def sgd_step(job: Job, base_lr: float = 0.0, prefetch_next: bool = False) -> StepReport:
+    """One synchronized optimizer step; base_lr overrides the job's learning rate when > 0.
+
+    prefetch_next: the update call also runs the next step's forward (the caller will run
+    that step next), saving a round trip; it is used only if nothing touched the shards since.
+    """
     t0 = time.perf_counter()
     t = job.step
     lr = job.schedule.lr(base_lr or job.config.learning_rate, t)
     rows, epoch = step_rows(job, t)
-    fwd = forward(job, rows)
+    ready, job.prefetched = job.prefetched, None
+    if ready is not None and ready.step == t and ready.shard_epoch == job.shard_epoch:
+        fwd = ready.forward
+    else:
+        fwd = forward(job, rows)
     loss, dZ = loss_and_dZ(job.spec.loss, fwd.Z, fwd.y)
     if not (math.isfinite(loss) and np.all(np.isfinite(dZ))):
         raise FailedPrecondition(f"the loss is {loss} at step {t + 1} (learning rate {lr:g}); nothing was applied. "
                                  f"Set finite parameters or use a smaller learning rate")
     try:
-        return _update(job, t, lr, loss, fwd, dZ, epoch, t0)
+        return _update(job, t, lr, loss, fwd, dZ, epoch, t0, prefetch_next)
     except ShardUnavailable:
         raise      # a dead shard: service.recovery restores a consistent state
     except Exception as exc:
@@ -122,22 +140,34 @@ def sgd_step(job: Job, base_lr: float = 0.0) -> StepReport:
 
 
 def _update(job: Job, t: int, lr: float, loss: float, fwd: Forward, dZ: np.ndarray, epoch: int,
-            t0: float) -> StepReport:
+            t0: float, prefetch_next: bool) -> StepReport:
     group, S = job.group, job.plan.n_shards
     dZ_ref = group.put(dZ)
     scale, extra_to, extra_from = 1.0, 0, 0
+    nxt = {}
+    if prefetch_next:
+        next_rows, _ = step_rows(job, t + 1)
+        nxt = {"next_token": next(_calls), "next_rows": None if next_rows is None else group.put(next_rows)}
     if job.config.clip_norm > 0:
         out = group.call("backward", fwd.token, dZ_ref)
         norm = math.sqrt(sum(q for q, _, _ in out))
         scale = min(1.0, job.config.clip_norm / (norm + 1e-6))       # as torch's clip_grad_norm_
-        applied = group.call("apply", t + 1, lr, scale)
-        seconds = [f + b + a for f, (_, _, b), a in zip(fwd.shard_seconds, out, applied)]
+        applied = group.call("apply", t + 1, lr, scale, **nxt)
+        seconds = [f + b + a for f, (_, _, b), (a, _) in zip(fwd.shard_seconds, out, applied)]
+        prefetched = [p for _, p in applied]
         extra_to, extra_from = S * 16, S * 8      # (step, lr, scale) out; seconds back
     else:
-        out = group.call("backward_apply", fwd.token, dZ_ref, t + 1, lr)
-        norm = math.sqrt(sum(q for q, _, _ in out))
-        seconds = [f + b for f, (_, _, b) in zip(fwd.shard_seconds, out)]
+        out = group.call("backward_apply", fwd.token, dZ_ref, t + 1, lr, **nxt)
+        norm = math.sqrt(sum(q for q, _, _, _ in out))
+        seconds = [f + b for f, (_, _, b, _) in zip(fwd.shard_seconds, out)]
+        prefetched = [p for _, _, _, p in out]
     job.step = t + 1
+    if prefetch_next:
+        rows = None if nxt["next_rows"] is None else next_rows
+        job.prefetched = Prefetch(t + 1, job.shard_epoch, Forward(
+            nxt["next_token"], sum_partials([z for z, _, _ in prefetched]), job.y if rows is None else job.y[rows],
+            sum(p for _, p, _ in prefetched), [s for _, _, s in prefetched],
+            0 if rows is None else S * rows.nbytes, sum(z.nbytes + 16 for z, _, _ in prefetched)))
     return StepReport(step=job.step, loss=loss + fwd.penalty, grad_norm=norm, seconds=time.perf_counter() - t0,
                       shard_seconds=seconds, bytes_to_shards=fwd.bytes_to + S * dZ.nbytes + extra_to,
                       bytes_from_shards=fwd.bytes_from + S * 16 + extra_from, batch_rows=len(fwd.y), epoch=epoch,

@@ -100,11 +100,17 @@ class Shard:
         sqnorm = float(np.vdot(grad, grad))
         return sqnorm, (grad.copy() if want_grad else None), time.perf_counter() - t0
 
-    def apply(self, step: int, lr: float, scale: float = 1.0) -> float:
-        """Optimizer step number `step` from the kept gradient times `scale`; returns seconds.
+    def apply(self, step: int, lr: float, scale: float = 1.0, next_token: int | None = None,
+              next_rows: np.ndarray | None = None) -> tuple[float, tuple | None]:
+        """Optimizer step number `step` from the kept gradient times `scale`.
 
+        Returns (seconds, the forward of the next step on next_rows if next_token is given).
         A repeated call for a step already applied does nothing, so a retried call is harmless.
         """
+        seconds = self._apply(step, lr, scale)
+        return seconds, self._prefetch(next_token, next_rows)
+
+    def _apply(self, step: int, lr: float, scale: float = 1.0) -> float:
         t0 = time.perf_counter()
         if step <= self.step:
             return 0.0
@@ -119,10 +125,17 @@ class Shard:
         self._pending = None
         return time.perf_counter() - t0
 
-    def backward_apply(self, token: int, dZ: np.ndarray, step: int, lr: float) -> tuple[float, None, float]:
-        """backward() and apply() in one call: one round trip when no global clipping is needed."""
+    def backward_apply(self, token: int, dZ: np.ndarray, step: int, lr: float, next_token: int | None = None,
+                       next_rows: np.ndarray | None = None) -> tuple[float, None, float, tuple | None]:
+        """backward() and apply() in one call, and (with next_token) the next step's forward too:
+        one round trip per step when no global clipping is needed."""
         sqnorm, _, seconds = self.backward(token, dZ)
-        return sqnorm, None, seconds + self.apply(step, lr)
+        seconds += self._apply(step, lr)
+        return sqnorm, None, seconds, self._prefetch(next_token, next_rows)
+
+    def _prefetch(self, next_token: int | None, next_rows: np.ndarray | None) -> tuple | None:
+        """The next step's forward at the parameters just updated (what forward() would return)."""
+        return None if next_token is None else self.forward(next_token, next_rows)
 
     def check(self, token: int, Z: np.ndarray, dZ: np.ndarray, y: np.ndarray, indices: np.ndarray,
               h: float) -> tuple[np.ndarray, np.ndarray, float]:
