@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from service.errors import NotFound, ResourceExhausted
+from service.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +77,15 @@ class DatasetStore:
 
     def used_bytes(self) -> int:
         with self._lock:
-            return sum(d.nbytes for d in self._sets.values())
+            return self._stored_bytes()
+
+    def _stored_bytes(self) -> int:
+        return sum(d.nbytes for d in self._sets.values())
 
     def check_room(self, nbytes: int, reserve: bool = False) -> None:
         """RESOURCE_EXHAUSTED if an upload would not fit (uploads being written count too)."""
         with self._lock:
-            used = sum(d.nbytes for d in self._sets.values()) + self._reserved
+            used = self._stored_bytes() + self._reserved
             if used + nbytes > self.max_bytes:
                 raise ResourceExhausted(f"upload of {nbytes} bytes exceeds the data limit: {used} of "
                                         f"{self.max_bytes} bytes are in use (server flag --max-data-bytes)")
@@ -93,32 +97,18 @@ class DatasetStore:
         nbytes = X.nbytes + y.nbytes
         self.check_room(nbytes, reserve=True)
         try:
-            return self._write(name, X, y, nbytes)
+            return self._write(name, X, y)
         finally:
             with self._lock:
                 self._reserved -= nbytes
 
-    def _write(self, name: str, X: np.ndarray, y: np.ndarray, nbytes: int) -> Dataset:
+    def _write(self, name: str, X: np.ndarray, y: np.ndarray) -> Dataset:
         dataset_id = f"data-{uuid.uuid4().hex[:12]}"
-        path = os.path.join(self.directory, f"{dataset_id}.npz")
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".partial")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, X=X, y=y)          # uncompressed, so shards can memory-map X
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        dataset = Dataset(dataset_id, name, path, X.shape[0], X.shape[1], X.nbytes + y.nbytes, str(y.dtype))
-        meta = Path(self.directory) / f"{dataset_id}.json"
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".partial")
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(dataclasses.asdict(dataset)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, meta)
+        path = Path(self.directory) / f"{dataset_id}.npz"
+        write_atomic(path, lambda f: np.savez(f, X=X, y=y))      # uncompressed, so shards can memory-map X
+        dataset = Dataset(dataset_id, name, str(path), X.shape[0], X.shape[1], X.nbytes + y.nbytes, str(y.dtype))
+        write_atomic(Path(self.directory) / f"{dataset_id}.json",
+                     lambda f: f.write(json.dumps(dataclasses.asdict(dataset)).encode()))
         with self._lock:
             self._sets[dataset_id] = dataset
         return dataset

@@ -6,6 +6,7 @@ sees UNKNOWN for its own mistake.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -61,33 +62,33 @@ def _check_ready(servicer) -> None:
                                  "says SERVING")
 
 
+@contextlib.contextmanager
+def _served(servicer, method: str, context: grpc.ServicerContext) -> Iterator[None]:
+    """Around every RPC: refuse while starting, map every error to a status, time it."""
+    t0 = time.perf_counter()
+    try:
+        _check_ready(servicer)
+        yield
+    except Exception as exc:  # noqa: BLE001 - every error becomes a status
+        _abort(servicer, method, context, exc)
+    finally:
+        if servicer.metrics:
+            servicer.metrics.rpc_seconds.labels(method).observe(time.perf_counter() - t0)
+
+
 def _unary(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapper(self, request, context):
-        t0 = time.perf_counter()
-        try:
-            _check_ready(self)
+        with _served(self, method.__name__, context):
             return method(self, request, context)
-        except Exception as exc:  # noqa: BLE001 - every error becomes a status
-            _abort(self, method.__name__, context, exc)
-        finally:
-            if self.metrics:
-                self.metrics.rpc_seconds.labels(method.__name__).observe(time.perf_counter() - t0)
     return wrapper
 
 
 def _streaming(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapper(self, request, context):
-        t0 = time.perf_counter()
-        try:
-            _check_ready(self)
+        with _served(self, method.__name__, context):
             yield from method(self, request, context)
-        except Exception as exc:  # noqa: BLE001
-            _abort(self, method.__name__, context, exc)
-        finally:
-            if self.metrics:
-                self.metrics.rpc_seconds.labels(method.__name__).observe(time.perf_counter() - t0)
     return wrapper
 
 

@@ -14,44 +14,19 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 
 import numpy as np
 
+from service.files import fsync_dir, write_atomic
 from service.jobs import JobConfig
 from workers.optimizers import OptimizerConfig
 from workers.schedules import Schedule
 from workers.shard import DataSpec
 
 log = logging.getLogger(__name__)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, write) -> None:
-    """write(file) into a temporary file beside `path`, fsync, rename, fsync the directory."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _sha256(path: Path) -> str:
@@ -78,9 +53,9 @@ class StateStore:
     def save_job(self, job_id: str, config: JobConfig) -> None:
         d = self._job_dir(job_id)
         d.mkdir(parents=True, exist_ok=True)
-        _write_atomic(d / "job.json", lambda f: f.write(json.dumps(
+        write_atomic(d / "job.json", lambda f: f.write(json.dumps(
             {"job_id": job_id, "config": config_to_dict(config)}, indent=1).encode()))
-        _fsync_dir(d.parent)
+        fsync_dir(d.parent)
 
     def save_checkpoint(self, job_id: str, step: int, states: list[dict]) -> None:
         """Write every shard's state, then the manifest naming them; drop older sets."""
@@ -93,11 +68,11 @@ class StateStore:
         for s, st in enumerate(states):
             arrays = {k: np.asarray(v) for k, v in st.items() if v is not None}
             path = ckpt / f"shard-{s}.npz"
-            _write_atomic(path, lambda f, a=arrays: np.savez(f, **a))
+            write_atomic(path, lambda f, a=arrays: np.savez(f, **a))
             files[path.name] = _sha256(path)
-        _fsync_dir(d)
+        fsync_dir(d)
         manifest = {"step": step, "dir": ckpt.name, "shards": len(states), "files": files}
-        _write_atomic(d / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+        write_atomic(d / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()))
         for old in d.glob("ckpt-*"):
             if old.name != ckpt.name:
                 shutil.rmtree(old, ignore_errors=True)

@@ -95,8 +95,12 @@ def forward(job: Job, rows: np.ndarray | None, theta: np.ndarray | None = None, 
         each = [{"theta": theta[s.begin:s.end]} for s in job.plan.param_slices()]
     out = group.call("forward", token, None if rows is None else group.put(rows), float64=float64, keep=keep,
                      each=each)
-    S = job.plan.n_shards
-    sent = (0 if rows is None else S * rows.nbytes) + (0 if theta is None else theta.nbytes)
+    return _gathered(job, token, rows, out, extra_sent=0 if theta is None else theta.nbytes)
+
+
+def _gathered(job: Job, token: int, rows: np.ndarray | None, out: list[tuple], extra_sent: int = 0) -> Forward:
+    """A Forward from the shards' (Z_s, penalty, seconds) answers to the forward `token` on `rows`."""
+    sent = (0 if rows is None else job.plan.n_shards * rows.nbytes) + extra_sent
     return Forward(token, sum_partials([z for z, _, _ in out]), job.y if rows is None else job.y[rows],
                    sum(p for _, p, _ in out), [s for _, _, s in out], sent,
                    sum(z.nbytes + 16 for z, _, _ in out))
@@ -163,11 +167,7 @@ def _update(job: Job, t: int, lr: float, loss: float, fwd: Forward, dZ: np.ndarr
         prefetched = [p for _, _, _, p in out]
     job.step = t + 1
     if prefetch_next:
-        rows = None if nxt["next_rows"] is None else next_rows
-        job.prefetched = Prefetch(t + 1, job.shard_epoch, Forward(
-            nxt["next_token"], sum_partials([z for z, _, _ in prefetched]), job.y if rows is None else job.y[rows],
-            sum(p for _, p, _ in prefetched), [s for _, _, s in prefetched],
-            0 if rows is None else S * rows.nbytes, sum(z.nbytes + 16 for z, _, _ in prefetched)))
+        job.prefetched = Prefetch(t + 1, job.shard_epoch, _gathered(job, nxt["next_token"], next_rows, prefetched))
     return StepReport(step=job.step, loss=loss + fwd.penalty, grad_norm=norm, seconds=time.perf_counter() - t0,
                       shard_seconds=seconds, bytes_to_shards=fwd.bytes_to + S * dZ.nbytes + extra_to,
                       bytes_from_shards=fwd.bytes_from + S * 16 + extra_from, batch_rows=len(fwd.y), epoch=epoch,

@@ -121,17 +121,17 @@ def test_a_second_checkpoint_at_the_same_step_never_overwrites_the_named_set(tmp
     store.save_checkpoint("job-c", 0, states(2, 0))
     # The same step again (SetParameters right after creation), and a crash before its manifest.
     import service.state as state_module
-    real = state_module._write_atomic
+    real = state_module.write_atomic
 
     def crash_at_manifest(path, write):
         if path.name == "manifest.json":
             raise OSError("power cut")
         real(path, write)
 
-    monkeypatch.setattr(state_module, "_write_atomic", crash_at_manifest)
+    monkeypatch.setattr(state_module, "write_atomic", crash_at_manifest)
     with pytest.raises(OSError):
         store.save_checkpoint("job-c", 0, [{**st, "theta": st["theta"] + 100} for st in states(2, 0)])
-    monkeypatch.setattr(state_module, "_write_atomic", real)
+    monkeypatch.setattr(state_module, "write_atomic", real)
     [(_, _, step, shard_states)] = store.load()
     assert step == 0
     np.testing.assert_array_equal(shard_states[1]["theta"], np.full(4, 1.0))   # the first set, intact
