@@ -48,36 +48,63 @@ class Optimizer:
         self.t = 0                              # updates applied
         self.m: np.ndarray | None = None        # momentum buffer / first moment
         self.v: np.ndarray | None = None        # second moment
+        self._first = False                     # the update in progress is the first (state just made)
 
     def update(self, theta: np.ndarray, grad: np.ndarray, lr: float) -> None:
-        """theta <- one optimizer step from grad (which may be overwritten)."""
-        c = self.config
+        """theta <- one optimizer step from grad."""
+        self.begin(theta)
+        self.update_block(theta, grad, lr, slice(None))
+
+    def begin(self, theta: np.ndarray) -> tuple[int, bool]:
+        """Start update number t + 1, to be applied block by block with update_block().
+
+        Every rule is elementwise, so updating the blocks of a partition one after the
+        other gives bitwise what update() gives. Returns what rollback() needs.
+        """
+        before = (self.t, self.m is None)
         self.t += 1
+        self._first = self.m is None
+        if self._first and self.config.kind == "momentum":
+            self.m = np.empty_like(theta)                      # filled from the gradient, block by block
+        elif self._first and self.config.kind in ("adam", "adamw"):
+            self.m, self.v = np.zeros_like(theta), np.zeros_like(theta)
+        return before
+
+    def rollback(self, before: tuple[int, bool]) -> None:
+        """Undo begin(); the caller restores the blocks it already updated."""
+        self.t, first = before
+        if first:
+            self.m = self.v = None
+
+    def update_block(self, theta: np.ndarray, grad: np.ndarray, lr: float, block: slice) -> None:
+        """The update begun by begin() on theta[block] from grad[block]."""
+        c = self.config
+        th, g = theta[block], grad[block]
         if c.weight_decay and c.kind != "adamw":
-            grad += c.weight_decay * theta                     # L2 through the gradient, as torch
+            g = g + c.weight_decay * th                        # L2 through the gradient, as torch (grad is kept)
         if c.kind == "sgd":
-            theta -= lr * grad
+            th -= lr * g
         elif c.kind == "momentum":
-            if self.m is None:
-                self.m = grad.copy()                           # torch: the first buffer is the gradient
+            m = self.m[block]
+            if self._first:
+                m[...] = g                                     # torch: the first buffer is the gradient
             else:
-                self.m *= c.momentum
-                self.m += grad
-            step = grad + c.momentum * self.m if c.nesterov else self.m
-            theta -= lr * step
+                m *= c.momentum
+                m += g
+            step = g + c.momentum * m if c.nesterov else m
+            th -= lr * step
         else:
             if c.kind == "adamw" and c.weight_decay:
-                theta *= 1 - lr * c.weight_decay               # decoupled decay, before the moments
-            if self.m is None:
-                self.m, self.v = np.zeros_like(theta), np.zeros_like(theta)
-            self.m *= c.beta1
-            self.m += (1 - c.beta1) * grad
-            self.v *= c.beta2
-            self.v += (1 - c.beta2) * grad * grad
+                th *= 1 - lr * c.weight_decay                  # decoupled decay, before the moments
+            m, v = self.m[block], self.v[block]
+            m *= c.beta1
+            m += (1 - c.beta1) * g
+            v *= c.beta2
+            v += (1 - c.beta2) * g * g
             bias1 = 1 - c.beta1 ** self.t
             bias2 = 1 - c.beta2 ** self.t
-            denom = np.sqrt(self.v) / math.sqrt(bias2) + c.eps
-            theta -= (lr / bias1) * (self.m / denom)
+            denom = np.sqrt(v) / math.sqrt(bias2) + c.eps
+            th -= (lr / bias1) * (m / denom)
 
     def reset(self) -> None:
         self.t, self.m, self.v = 0, None, None

@@ -44,6 +44,7 @@ class Shard:
         self._pending: tuple | None = None   # (token, theta, Xb, cache) of the last forward
         self.optimizer = Optimizer(optimizer)  # its state covers this slice only
         self.step = 0                          # optimizer steps applied to this slice
+        self._undo: list[np.ndarray] = []      # copies of blocks a fused step updates, to put back
 
     # --- set-up -------------------------------------------------------------------
     def load(self, data: DataSpec) -> int:
@@ -129,9 +130,62 @@ class Shard:
                        next_rows: np.ndarray | None = None) -> tuple[float, None, float, tuple | None]:
         """backward() and apply() in one call, and (with next_token) the next step's forward too:
         one round trip per step when no global clipping is needed."""
+        if next_token is not None and self._fusable(token, step):
+            return self._fused_step(token, dZ, step, lr, next_token, next_rows)
         sqnorm, _, seconds = self.backward(token, dZ)
         seconds += self._apply(step, lr)
         return sqnorm, None, seconds, self._prefetch(next_token, next_rows)
+
+    def _fusable(self, token: int, step: int) -> bool:
+        """The math can fuse backward, update and the next forward, and the pending forward
+        was at this shard's own parameters in its own dtype (not a client's theta, not float64)."""
+        return (hasattr(self.math, "backward_update_forward") and step == self.step + 1
+                and self._pending is not None and self._pending[0] == token and self._pending[1] is self.theta)
+
+    def _fused_step(self, token: int, dZ: np.ndarray, step: int, lr: float, next_token: int,
+                    next_rows: np.ndarray | None) -> tuple[float, None, float, tuple]:
+        """What the unfused calls return, bitwise, from one pass over the shard's columns.
+
+        A block's gradient is checked before its update; if one is not finite, the blocks
+        already updated are put back, so nothing is applied, as in apply().
+        """
+        t0 = time.perf_counter()
+        _, _, Xb, _ = self._take(token)
+        self._pending = None
+        X_next = self.X if next_rows is None else self.X[next_rows]     # is Xb when both are every row
+        opt = self.optimizer
+        before = opt.begin(self.theta)
+        saved = self._undo_buffers()
+        done: list[slice] = []
+
+        def update(block: slice) -> None:
+            if not np.all(np.isfinite(self.grad[block])):
+                raise ValueError(f"shard {self.index}: the gradient of step {step} is not finite; nothing was applied")
+            for live, copy in saved:
+                copy[block] = live[block]
+            done.append(block)
+            opt.update_block(self.theta, self.grad, lr, block)
+
+        try:
+            Z = self.math.backward_update_forward(self.theta, Xb, dZ, self.grad, X_next, update)
+        except BaseException:
+            for block in done:
+                for live, copy in saved:
+                    live[block] = copy[block]
+            opt.rollback(before)
+            raise
+        self.step = step
+        sqnorm = float(np.vdot(self.grad, self.grad))
+        self._pending = (next_token, self.theta, X_next, None)
+        seconds = time.perf_counter() - t0
+        return sqnorm, None, seconds, (Z, self.math.penalty(self.theta), 0.0)
+
+    def _undo_buffers(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(live array, its copy) for theta and the optimizer state, the copies kept between steps."""
+        live = [a for a in (self.theta, self.optimizer.m, self.optimizer.v) if a is not None]
+        if [c.shape for c in self._undo] != [a.shape for a in live]:
+            self._undo = [np.empty_like(a) for a in live]
+        return list(zip(live, self._undo))
 
     def _prefetch(self, next_token: int | None, next_rows: np.ndarray | None) -> tuple | None:
         """The next step's forward at the parameters just updated (what forward() would return)."""

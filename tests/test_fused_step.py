@@ -1,0 +1,120 @@
+"""The fused step of the dense models (backward, update and the next forward in one pass
+over the shard's columns) gives bitwise what the separate calls give, and puts everything
+back when a gradient block is not finite. Plain numpy shards: no Ray, no gRPC."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import workers.shard_math as shard_math
+from workers.models import ModelSpec
+from workers.optimizers import OptimizerConfig
+from workers.shard import DataSpec, Shard
+
+ROWS = 24
+OPTIMIZERS = [OptimizerConfig("sgd", weight_decay=0.01), OptimizerConfig("momentum", nesterov=True),
+              OptimizerConfig("adam"), OptimizerConfig("adamw", weight_decay=0.1)]
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Blocks of 3 float64 / 6 float32 columns, so a shard of 50 columns has many blocks and a ragged last."""
+    monkeypatch.setattr(shard_math, "BLOCK_BYTES", 24)
+
+
+def shard_pair(kind: str, K: int, dtype: str, optimizer: OptimizerConfig, l2: float = 0.0):
+    spec = ModelSpec(kind, 100, K, l2=l2)
+    plan = spec.plan(2)
+    pair = []
+    for _ in range(2):
+        s = Shard(spec, plan, 1, dtype, seed=3, optimizer=optimizer)   # the last shard: it has the bias
+        s.load(DataSpec("synthetic", rows=ROWS, seed=5))
+        pair.append(s)
+    return pair
+
+
+def batches(steps: int, minibatch: bool):
+    rng = np.random.default_rng(0)
+    return [rng.choice(ROWS, 8, replace=False) if minibatch else None for _ in range(steps + 1)]
+
+
+def dZ_of(Z: np.ndarray, k: int) -> np.ndarray:
+    return (np.tanh(Z) + 0.1 * k).astype(Z.dtype)        # any function of Z: the same for both shards
+
+
+@pytest.mark.parametrize("kind,K", [("logistic", 1), ("softmax", 4), ("linear", 2)])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=lambda o: o.kind)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("minibatch", [False, True])
+def test_fused_step_is_bitwise_the_separate_calls(kind, K, optimizer, dtype, minibatch, monkeypatch):
+    fused, plain = shard_pair(kind, K, dtype, optimizer, l2=0.05)
+    calls = []
+    original = type(fused.math).backward_update_forward
+    monkeypatch.setattr(type(fused.math), "backward_update_forward",
+                        lambda self, *a: calls.append(1) or original(self, *a))
+    rows = batches(5, minibatch)
+    Zf, pf, _ = fused.forward(1, rows[0])
+    for k in range(5):
+        # fused: one call; plain: backward, apply, forward
+        Zp, pp, _ = plain.forward(100 + k, rows[k])
+        np.testing.assert_array_equal(Zf, Zp)
+        assert pf == pp
+        dZ = dZ_of(Zf, k)
+        sq_f, _, _, (Zf, pf, _) = fused.backward_apply(1 + k, dZ, k + 1, 0.1, next_token=2 + k, next_rows=rows[k + 1])
+        sq_p, _, _ = plain.backward(100 + k, dZ)
+        plain.apply(k + 1, 0.1)
+        assert sq_f == sq_p
+        np.testing.assert_array_equal(fused.theta, plain.theta)
+        for a, b in ((fused.optimizer.m, plain.optimizer.m), (fused.optimizer.v, plain.optimizer.v)):
+            assert (a is None) == (b is None)
+            if a is not None:
+                np.testing.assert_array_equal(a, b)
+        assert fused.step == plain.step == k + 1 and fused.optimizer.t == plain.optimizer.t
+    assert len(calls) == 5, "the fused path did not run"
+    # the forward the fused call left behind serves an ordinary backward
+    fused.backward(6, dZ_of(Zf, 9))
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=lambda o: o.kind)
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+def test_a_gradient_block_that_is_not_finite_puts_every_block_back(optimizer):
+    shard, _ = shard_pair("softmax", 3, "float32", optimizer)
+    Z, _, _ = shard.forward(1)
+    shard.backward_apply(1, dZ_of(Z, 0), 1, 0.1, next_token=2)      # one good step: optimizer state exists
+    shard.X = shard.X.copy()
+    shard.X[:, 40] = 3e38                 # finite, but its gradient overflows float32; late in the slice
+    Z, _, _ = shard.forward(3)
+    dZ = np.full_like(Z, 10.0)
+    before = (shard.theta.copy(), shard.optimizer.m, shard.optimizer.v, shard.optimizer.t, shard.step)
+    before = tuple(a.copy() if isinstance(a, np.ndarray) else a for a in before)
+    with pytest.raises(ValueError, match="not finite; nothing was applied"):
+        shard.backward_apply(3, dZ, 2, 0.1, next_token=4)
+    after = (shard.theta, shard.optimizer.m, shard.optimizer.v, shard.optimizer.t, shard.step)
+    for a, b in zip(before, after):
+        if isinstance(a, np.ndarray):
+            np.testing.assert_array_equal(a, b)
+        else:
+            assert a == b
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+def test_a_first_step_that_fails_leaves_no_optimizer_state():
+    shard, _ = shard_pair("logistic", 1, "float32", OptimizerConfig("adam"))
+    shard.X = shard.X.copy()
+    shard.X[:, 30] = 3e38
+    Z, _, _ = shard.forward(1)
+    theta = shard.theta.copy()
+    with pytest.raises(ValueError, match="not finite"):
+        shard.backward_apply(1, np.full_like(Z, 10.0), 1, 0.1, next_token=2)
+    np.testing.assert_array_equal(shard.theta, theta)
+    assert shard.optimizer.m is None and shard.optimizer.v is None and shard.optimizer.t == 0 and shard.step == 0
+
+
+def test_column_blocks_cover_the_slice_in_order():
+    spec = ModelSpec("logistic", 100, 1)
+    math = shard_math.shard_math(spec, spec.plan(2).units[0], False)
+    X = np.zeros((2, math.d), np.float32)
+    blocks = math.column_blocks(X)
+    assert blocks[0].start == 0 and blocks[-1].stop == math.d
+    assert all(a.stop == b.start for a, b in zip(blocks, blocks[1:]))
+    assert {b.stop - b.start for b in blocks[:-1]} == {6}
