@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import threading
 from typing import Any, Protocol, Sequence
 
 import numpy as np
 
 from service.errors import ResourceExhausted, ShardTimeout, ShardUnavailable, Unavailable
+from workers.channel import CALLS, ChannelLost, ChannelTimeout, RemoteError, ShardChannels
 from workers.models import ModelSpec
 from workers.optimizers import OptimizerConfig
 from workers.plan import ShardPlan
@@ -116,6 +119,10 @@ class RayShardGroup:
         self._start = start
         self._restart_timeout_s = placement_timeout_s
         self.actors = [start(s) for s in range(plan.n_shards)]
+        # The direct lines for a step's calls (workers.channel), opened on first use.
+        self._authkey = os.urandom(32)
+        self._channels: ShardChannels | None = None
+        self._channel_lock = threading.Lock()
         log.info("started %d shard actors (%s), %d BLAS threads each", plan.n_shards, placement, threads)
 
     def put(self, value: Any) -> Any:
@@ -127,9 +134,36 @@ class RayShardGroup:
         return self._ray.put(value)
 
     def call(self, method: str, *args: Any, each: Sequence[dict] | None = None, **kwargs: Any) -> list:
+        if method in CALLS and not _holds_refs(self._ray.ObjectRef, args, kwargs, each):
+            with self._channel_lock:
+                channels = self._open_channels()
+                if channels is not None:
+                    return self._on_channels(channels, method, args, kwargs, each)
         refs = [getattr(actor, method).remote(*args, **kwargs, **(each[s] if each else {}))
                 for s, actor in enumerate(self.actors)]
         return self._get(refs, method)
+
+    def _on_channels(self, channels: ShardChannels, method: str, args: tuple, kwargs: dict,
+                     each: Sequence[dict] | None) -> list:
+        try:
+            return channels.call(method, args, kwargs, each, self.timeout_s)
+        except RemoteError as e:
+            raise e.cause from None          # the shard's own exception, as on the Ray path
+        except ChannelTimeout as e:
+            raise ShardTimeout(str(e)) from None
+        except ChannelLost as e:
+            raise ShardUnavailable(f"a shard died during {method}: {e}; retry the call") from None
+
+    def _open_channels(self) -> ShardChannels | None:
+        """The lines to the shards, opened if need be; None (use Ray calls) if they cannot be."""
+        if self._channels is None or self._channels.closed:
+            addresses = self._get([a.open_channel.remote(self._authkey) for a in self.actors], "open_channel")
+            try:
+                self._channels = ShardChannels(addresses, self._authkey)
+            except OSError as exc:
+                log.warning("cannot open the lines to the shards (%s); using Ray calls", exc)
+                return None
+        return self._channels
 
     def node_ids(self) -> list[str]:
         return self._get([a.node_id.remote() for a in self.actors], "node_id")
@@ -146,6 +180,8 @@ class RayShardGroup:
                 ray.get(actor.get_step.remote(), timeout=self._restart_timeout_s)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.ObjectLostError):
                 dead.append(s)
+        if dead:
+            self._close_channels()
         for s in dead:
             ray.kill(self.actors[s])
             self.actors[s] = self._start(s)
@@ -156,7 +192,14 @@ class RayShardGroup:
                                        f"{self._restart_timeout_s:g} s ({type(exc).__name__})") from None
         return dead
 
+    def _close_channels(self) -> None:
+        with self._channel_lock:
+            if self._channels is not None:
+                self._channels.close()
+                self._channels = None
+
     def close(self) -> None:
+        self._close_channels()
         for actor in self.actors:
             self._ray.kill(actor)
         self.actors = []
@@ -178,3 +221,9 @@ class RayShardGroup:
             raise ShardTimeout(f"shards did not finish {method} within {self.timeout_s:g} s") from None
         except (exc.RayActorError, exc.ObjectLostError) as e:
             raise ShardUnavailable(f"a shard died during {method}: {type(e).__name__}; retry the call") from None
+
+
+def _holds_refs(ref_type: type, args: tuple, kwargs: dict, each: Sequence[dict] | None) -> bool:
+    """Whether a call passes Ray object refs (large arrays put once): those go through Ray."""
+    values = [*args, *kwargs.values(), *(v for d in each or () for v in d.values())]
+    return any(isinstance(v, ref_type) for v in values)

@@ -34,7 +34,10 @@ def test_a_dead_shard_is_replaced_and_the_call_answers_unavailable_once(client, 
     job = client.create_job("softmax", shards=2, rows=20, features=6, outputs=3, dtype="float64")
     list(client.step(job.job_id, 3))
     _, before = client.gradient(job.job_id, flat=True)
-    ray_local.kill(server[1].jobs.get(job.job_id).group.actors[1])
+    actor = server[1].jobs.get(job.job_id).group.actors[1]
+    pid = ray_local.get(actor.pid.remote())
+    ray_local.kill(actor)
+    wait_until_gone(pid)      # ray.kill returns before the process is gone
     with pytest.raises(grpc.RpcError) as e:
         client.gradient(job.job_id)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -44,6 +47,19 @@ def test_a_dead_shard_is_replaced_and_the_call_answers_unavailable_once(client, 
     described = client.get_job(job.job_id)
     assert not described.error and [s.step for s in described.shards] == [3, 3]
     client.delete_job(job.job_id)
+
+
+def wait_until_gone(pid, timeout_s=30.0):
+    import os
+    import time
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} is still there after {timeout_s} s")
 
 
 def pids(server, job_id):

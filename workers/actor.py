@@ -1,11 +1,15 @@
-"""The Ray actor around a Shard: sets its BLAS threads and reports its node."""
+"""The Ray actor around a Shard: sets its BLAS threads, reports its node, and serves the
+step's calls on a direct line (workers.channel) as well as through Ray."""
 from __future__ import annotations
 
+import inspect
 import os
+import threading
 
 import ray
 from threadpoolctl import threadpool_limits
 
+from workers.channel import ChannelServer, locked
 from workers.shard import Shard
 
 
@@ -16,7 +20,15 @@ class ShardActor(Shard):
         # Ray's default of one thread per actor wastes cores when a shard has more;
         # more threads than CPUs makes shards on one node fight each other.
         self._thread_limits = threadpool_limits(limits=blas_threads)
+        self._lock = threading.RLock()       # Ray's thread and the channel's take turns (re-entrant: methods call methods)
+        self._channel: ChannelServer | None = None
         super().__init__(*args, **kwargs)
+
+    def open_channel(self, authkey: bytes) -> tuple[str, int]:
+        """Start (once) the line the coordinator uses for a step's calls; its address."""
+        if self._channel is None:
+            self._channel = ChannelServer(self, ray.util.get_node_ip_address(), authkey)
+        return self._channel.address
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -24,5 +36,10 @@ class ShardActor(Shard):
     def pid(self) -> int:
         return os.getpid()
 
+
+# Every Shard method, whichever thread calls it, runs under the shard's lock.
+for _name, _method in inspect.getmembers(Shard, inspect.isfunction):
+    if not _name.startswith("_"):
+        setattr(ShardActor, _name, locked(_method))
 
 RemoteShard = ray.remote(ShardActor)
