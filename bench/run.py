@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(w.client_step_ms(client))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
         if "W4" in only:
-            rows.append(w.gradient_fetch(client))
+            rows.append(w.gradient_fetch(client, f"127.0.0.1:{port}"))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
             rows.append(w.transport_only())
             print(table(rows[-1:]).splitlines()[-1], flush=True)

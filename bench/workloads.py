@@ -6,8 +6,11 @@ service / reference of the median step time over at least 10 steps after warm-up
 """
 from __future__ import annotations
 
+import json
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -114,59 +117,49 @@ def client_step_ms(client: Client, steps: int = 200) -> Row:
         client.delete_job(job.job_id)
 
 
-def gradient_fetch(client: Client, repeats: int = 10) -> Row:
-    """W4: assemble and stream 1,000,000 float32 gradients to this Python client over loopback."""
+def gradient_fetch(client: Client, target: str, repeats: int = 10) -> Row:
+    """W4: assemble and stream 1,000,000 float32 gradients to a Python client over loopback.
+
+    The client is a process of its own (bench.fetch), as a real client would be.
+    """
     job = client.create_job("softmax", features=100_000, outputs=10, rows=32, shards=2, batch_size=0)
     try:
-        client.gradient(job.job_id, flat=True)
-        total, params = [], []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            summary, grads = client.gradient(job.job_id, flat=True)
-            total.append(time.perf_counter() - t0 - max(summary.shard_seconds))
-            t0 = time.perf_counter()
-            client.get_params(job.job_id, flat=True)
-            params.append(time.perf_counter() - t0)
-        nbytes = grads["flat"].nbytes
+        out = json.loads(subprocess.run([sys.executable, "-m", "bench.fetch", "--target", target, "--job", job.job_id,
+                                         "--repeats", str(repeats)], check=True, capture_output=True, text=True,
+                                        timeout=600).stdout)
+        nbytes = out["nbytes"]
         row = Row("W4 gradient fetch, 1M float32", 2, job.n_params)
-        row.service_ms, row.service_spread_ms = (v * 1e3 for v in _median_iqr(total))
+        row.service_ms, row.service_spread_ms = (v * 1e3 for v in _median_iqr(out["gradient_s"]))
         row.bytes_per_step = nbytes
-        row.note = (f"{nbytes / statistics.median(total) / 1e9:.2f} GB/s gradient (compute excluded); "
-                    f"GetParameters {nbytes / statistics.median(params) / 1e9:.2f} GB/s")
+        row.note = (f"{nbytes / statistics.median(out['gradient_s']) / 1e9:.2f} GB/s gradient (compute excluded); "
+                    f"GetParameters {nbytes / statistics.median(out['params_s']) / 1e9:.2f} GB/s")
         return row
     finally:
         client.delete_job(job.job_id)
 
 
 def transport_only(repeats: int = 20) -> Row:
-    """W4's ceiling: a prepared 4 MB float32 tensor streamed in 1 MiB chunks by a bare gRPC
-    server in this process to a Python client (our encode and decode, nothing else)."""
-    from concurrent import futures
-
+    """W4's ceiling: a bare gRPC server in its own process (bench.fetch --serve-bare) streams a
+    prepared 4 MB float32 tensor in 1 MiB chunks to this process: our encode and decode, nothing else."""
     import grpc
 
     from gradshard.v1 import gradshard_pb2 as pb
     from gradshard.v1 import gradshard_pb2_grpc as pb_grpc
-    from service.tensors import decode_stream, encode
+    from service.tensors import decode_stream
 
-    flat = np.random.default_rng(0).random(1_000_000).astype(np.float32)
-
-    class Bare(pb_grpc.GradShardServicer):
-        def GetParameters(self, request, context):
-            yield from encode("flat", flat)
-
-    server = grpc.server(futures.ThreadPoolExecutor(4))
-    pb_grpc.add_GradShardServicer_to_server(Bare(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = pb_grpc.GradShardStub(channel)
-        times = []
-        for _ in range(repeats + 3):
-            t0 = time.perf_counter()
-            decode_stream(stub.GetParameters(pb.GetParametersRequest(job_id="bare")))
-            times.append(time.perf_counter() - t0)
-    server.stop(0)
+    server = subprocess.Popen([sys.executable, "-m", "bench.fetch", "--serve-bare"], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline())
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.GradShardStub(channel)
+            times = []
+            for _ in range(repeats + 3):
+                t0 = time.perf_counter()
+                flat = decode_stream(stub.GetParameters(pb.GetParametersRequest(job_id="bare")))["flat"]
+                times.append(time.perf_counter() - t0)
+    finally:
+        server.kill()
+        server.wait()
     row = Row("W4 ceiling: bare gRPC, 1M float32", 0, flat.size)
     row.service_ms, row.service_spread_ms = (v * 1e3 for v in _median_iqr(times[3:]))
     row.bytes_per_step = flat.nbytes

@@ -103,21 +103,22 @@ class TensorAssembler:
 
 def decode_stream(chunks: Iterable[pb.TensorChunk]) -> dict[str, np.ndarray]:
     """Decode chunks without a job to check against (the client's side); writable arrays."""
-    buffers: dict[str, tuple[bytearray, np.dtype, tuple[int, ...]]] = {}
+    buffers: dict[str, tuple[np.ndarray, np.dtype, tuple[int, ...]]] = {}
     filled: dict[str, int] = {}
     for c in chunks:
         if c.name not in buffers:
             dtype, shape = dtype_from_pb(c.dtype).newbyteorder("<"), tuple(c.shape)
-            buffers[c.name] = (bytearray(math.prod(shape) * dtype.itemsize), dtype, shape)
+            buffers[c.name] = (np.empty(math.prod(shape) * dtype.itemsize, np.uint8), dtype, shape)
             filled[c.name] = 0
         buf = buffers[c.name][0]
-        if c.offset != filled[c.name] or c.offset + len(c.data) > len(buf):
+        data = c.data                  # each read of the field is a new copy: read it once
+        if c.offset != filled[c.name] or c.offset + len(data) > len(buf):
             raise ValueError(f"tensor {c.name}: chunk at offset {c.offset} does not follow {filled[c.name]}")
-        buf[c.offset: c.offset + len(c.data)] = c.data
-        filled[c.name] += len(c.data)
+        buf[c.offset: c.offset + len(data)] = np.frombuffer(data, np.uint8)
+        filled[c.name] += len(data)
     out = {}
     for name, (buf, dtype, shape) in buffers.items():
         if filled[name] != len(buf):
             raise ValueError(f"tensor {name}: {filled[name]} bytes do not fill shape {shape}")
-        out[name] = np.frombuffer(buf, dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=False)
+        out[name] = buf.view(dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=False)
     return out

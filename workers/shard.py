@@ -44,7 +44,7 @@ class Shard:
         self._pending: tuple | None = None   # (token, theta, Xb, cache) of the last forward
         self.optimizer = Optimizer(optimizer)  # its state covers this slice only
         self.step = 0                          # optimizer steps applied to this slice
-        self._undo: list[np.ndarray] = []      # copies of blocks a fused step updates, to put back
+        self._undo: list[np.ndarray] = []      # copies a fused step takes of theta and the optimizer state
 
     # --- set-up -------------------------------------------------------------------
     def load(self, data: DataSpec) -> int:
@@ -146,46 +146,43 @@ class Shard:
                     next_rows: np.ndarray | None) -> tuple[float, None, float, tuple]:
         """What the unfused calls return, bitwise, from one pass over the shard's columns.
 
-        A block's gradient is checked before its update; if one is not finite, the blocks
-        already updated are put back, so nothing is applied, as in apply().
+        The gradient is checked once the pass is done; if it is not finite, theta and the
+        optimizer state go back to copies taken before it, so nothing is applied, as in apply().
         """
         t0 = time.perf_counter()
         _, _, Xb, _ = self._take(token)
         self._pending = None
         X_next = self.X if next_rows is None else self.X[next_rows]     # is Xb when both are every row
         opt = self.optimizer
+        saved = self._save_state()
         before = opt.begin(self.theta)
-        saved = self._undo_buffers()
-        done: list[slice] = []
-
-        def update(block: slice) -> None:
-            if not np.all(np.isfinite(self.grad[block])):
-                raise ValueError(f"shard {self.index}: the gradient of step {step} is not finite; nothing was applied")
-            for live, copy in saved:
-                copy[block] = live[block]
-            done.append(block)
-            opt.update_block(self.theta, self.grad, lr, block)
-
         try:
-            Z = self.math.backward_update_forward(self.theta, Xb, dZ, self.grad, X_next, update)
+            Z = self.math.backward_update_forward(self.theta, Xb, dZ, self.grad, X_next,
+                                                  lambda block: opt.update_block(self.theta, self.grad, lr, block))
+            if not np.all(np.isfinite(self.grad)):
+                raise ValueError(f"shard {self.index}: the gradient of step {step} is not finite; nothing was applied")
         except BaseException:
-            for block in done:
-                for live, copy in saved:
-                    live[block] = copy[block]
             opt.rollback(before)
+            self._restore_state(saved)
             raise
         self.step = step
         sqnorm = float(np.vdot(self.grad, self.grad))
         self._pending = (next_token, self.theta, X_next, None)
-        seconds = time.perf_counter() - t0
-        return sqnorm, None, seconds, (Z, self.math.penalty(self.theta), 0.0)
+        return sqnorm, None, time.perf_counter() - t0, (Z, self.math.penalty(self.theta), 0.0)
 
-    def _undo_buffers(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(live array, its copy) for theta and the optimizer state, the copies kept between steps."""
+    def _save_state(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(live array, a copy of it) for theta and the optimizer state; the copies' memory is kept between steps."""
         live = [a for a in (self.theta, self.optimizer.m, self.optimizer.v) if a is not None]
         if [c.shape for c in self._undo] != [a.shape for a in live]:
             self._undo = [np.empty_like(a) for a in live]
+        for a, copy in zip(live, self._undo):
+            np.copyto(copy, a)
         return list(zip(live, self._undo))
+
+    @staticmethod
+    def _restore_state(saved: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        for live, copy in saved:
+            np.copyto(live, copy)
 
     def _prefetch(self, next_token: int | None, next_rows: np.ndarray | None) -> tuple | None:
         """The next step's forward at the parameters just updated (what forward() would return)."""

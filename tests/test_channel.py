@@ -1,0 +1,126 @@
+"""The direct line from the coordinator to the shards (workers.channel), on real sockets,
+with plain objects behind it: what Ray would run is tested in the API and lifecycle tests."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from workers.channel import ChannelLost, ChannelServer, ChannelTimeout, RemoteError, ShardChannels, locked
+
+KEY = b"k" * 32
+
+
+class Target:
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def forward(self, token, rows=None, scale=1.0):
+        return np.arange(3.0) * scale + self.index, token
+
+    def backward(self, token, dZ):
+        raise ValueError(f"shard {self.index}: no forward for call {token}")
+
+    def apply(self, seconds):
+        time.sleep(seconds)
+        return self.index
+
+    def pid(self):
+        return os.getpid()
+
+
+def servers(n=2):
+    return [ChannelServer(Target(s), "127.0.0.1", KEY) for s in range(n)]
+
+
+def test_calls_reach_every_shard_in_order_with_their_own_arguments():
+    lines = ShardChannels([s.address for s in servers(3)], KEY)
+    out = lines.call("forward", (7,), {"rows": None}, [{"scale": 1.0}, {"scale": 2.0}, {"scale": 3.0}], 5.0)
+    for s, (z, token) in enumerate(out):
+        np.testing.assert_array_equal(z, np.arange(3.0) * (s + 1) + s)
+        assert token == 7
+    lines.close()
+
+
+def test_a_shard_exception_comes_back_as_itself_and_the_lines_stay_usable():
+    lines = ShardChannels([s.address for s in servers()], KEY)
+    with pytest.raises(RemoteError) as e:
+        lines.call("backward", (3, None), {}, None, 5.0)
+    assert isinstance(e.value.cause, ValueError) and "no forward for call 3" in str(e.value.cause)
+    assert e.value.shard == 0
+    assert [token for _, token in lines.call("forward", (4,), {}, None, 5.0)] == [4, 4]   # still in step
+
+
+def test_only_the_listed_calls_can_be_made():
+    lines = ShardChannels([s.address for s in servers(1)], KEY)
+    with pytest.raises(RemoteError) as e:
+        lines.call("pid", (), {}, None, 5.0)
+    assert isinstance(e.value.cause, ValueError) and "'pid' is not a channel call" in str(e.value.cause)
+
+
+def test_a_wrong_key_is_refused_and_the_server_serves_the_right_one_after():
+    from multiprocessing import AuthenticationError
+    (server,) = servers(1)
+    with pytest.raises(AuthenticationError):
+        ShardChannels([server.address], b"x" * 32)
+    lines = ShardChannels([server.address], KEY)
+    assert lines.call("apply", (0.0,), {}, None, 5.0) == [0]
+
+
+def test_a_slow_shard_times_out_closes_the_lines_and_a_new_connection_works():
+    srv = servers(2)
+    lines = ShardChannels([s.address for s in srv], KEY)
+    t0 = time.monotonic()
+    with pytest.raises(ChannelTimeout, match="did not finish apply within 0.2 s"):
+        lines.call("apply", (1.0,), {}, None, 0.2)
+    assert time.monotonic() - t0 < 0.9 and lines.closed
+    again = ShardChannels([s.address for s in srv], KEY)      # served once the slow call is done
+    assert again.call("apply", (0.0,), {}, None, 5.0) == [0, 1]
+
+
+def _serve_in_child(queue):
+    server = ChannelServer(Target(0), "127.0.0.1", KEY)
+    queue.put(server.address)
+    time.sleep(60)
+
+
+def test_a_shard_process_that_dies_mid_call_is_a_lost_line():
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_serve_in_child, args=(queue,), daemon=True)
+    child.start()
+    lines = ShardChannels([queue.get(timeout=30)], KEY)
+    threading.Timer(0.3, child.kill).start()
+    with pytest.raises(ChannelLost) as e:
+        lines.call("apply", (5.0,), {}, None, 30.0)
+    assert not isinstance(e.value, ChannelTimeout) and lines.closed
+    child.join(5)
+
+
+def test_locked_methods_take_turns_and_may_call_each_other():
+    class Counter:
+        def __init__(self):
+            self._lock = threading.RLock()
+            self.n = 0
+
+        def bump(self):
+            n = self.n
+            time.sleep(0.001)
+            self.n = n + 1
+
+        def bump_twice(self):
+            self.bump()
+            self.bump()
+
+    Counter.bump, Counter.bump_twice = locked(Counter.bump), locked(Counter.bump_twice)
+    c = Counter()
+    threads = [threading.Thread(target=c.bump_twice) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert c.n == 16
