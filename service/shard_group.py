@@ -122,6 +122,7 @@ class RayShardGroup:
         # The direct lines for a step's calls (workers.channel), opened on first use.
         self._authkey = os.urandom(32)
         self._channels: ShardChannels | None = None
+        self._channels_failed = False          # once they could not be opened, Ray calls it is
         self._channel_lock = threading.Lock()
         log.info("started %d shard actors (%s), %d BLAS threads each", plan.n_shards, placement, threads)
 
@@ -156,12 +157,16 @@ class RayShardGroup:
 
     def _open_channels(self) -> ShardChannels | None:
         """The lines to the shards, opened if need be; None (use Ray calls) if they cannot be."""
+        if self._channels_failed:
+            return None
         if self._channels is None or self._channels.closed:
             addresses = self._get([a.open_channel.remote(self._authkey) for a in self.actors], "open_channel")
             try:
                 self._channels = ShardChannels(addresses, self._authkey)
-            except OSError as exc:
-                log.warning("cannot open the lines to the shards (%s); using Ray calls", exc)
+            except Exception as exc:           # refused, filtered (timed out), or the handshake failed
+                log.warning("cannot open the lines to the shards at %s (%s: %s); this job uses Ray calls",
+                            addresses, type(exc).__name__, exc)
+                self._channels_failed = True
                 return None
         return self._channels
 

@@ -124,3 +124,47 @@ def test_locked_methods_take_turns_and_may_call_each_other():
     for t in threads:
         t.join()
     assert c.n == 16
+
+
+class Echo:
+    def get_params(self, *arrays):
+        return arrays
+
+    def set_params(self, theta):
+        theta += 1                        # the received array is writable memory of its own
+        return theta
+
+
+def test_large_arrays_travel_out_of_band_and_arrive_whole_and_writable():
+    rng = np.random.default_rng(0)
+    big, small = rng.standard_normal((300, 1000)), rng.standard_normal(7).astype(np.float32)
+    server = ChannelServer(Echo(), "127.0.0.1", KEY)
+    lines = ShardChannels([server.address], KEY)
+    ((got_big, got_small, view),) = lines.call("get_params", (big, small, big[:, ::2]), {}, None, 5.0)
+    np.testing.assert_array_equal(got_big, big)
+    np.testing.assert_array_equal(got_small, small)
+    np.testing.assert_array_equal(view, big[:, ::2])                # a strided view, pickled in band
+    assert got_small.dtype == np.float32 and got_big.flags.writeable
+    (plus_one,) = lines.call("set_params", (big,), {}, None, 5.0)
+    np.testing.assert_array_equal(plus_one, big + 1)
+
+
+def test_a_silent_peer_does_not_hold_the_server():
+    import socket
+    server = ChannelServer(Target(0), "127.0.0.1", KEY, handshake_timeout_s=0.3)
+    silent = socket.create_connection(server.address)                # connects, never answers
+    t0 = time.monotonic()
+    lines = ShardChannels([server.address], KEY)
+    assert lines.call("apply", (0.0,), {}, None, 5.0) == [0]
+    assert time.monotonic() - t0 < 3.0
+    silent.close()
+
+
+def test_connecting_to_a_port_that_never_answers_times_out():
+    import socket
+    mute = socket.create_server(("127.0.0.1", 0))                    # accepts (backlog), never speaks
+    t0 = time.monotonic()
+    with pytest.raises(OSError):
+        ShardChannels([mute.getsockname()[:2]], KEY, connect_timeout_s=0.3)
+    assert time.monotonic() - t0 < 2.0
+    mute.close()
