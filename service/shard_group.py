@@ -5,6 +5,7 @@ import logging
 import math
 import os
 import threading
+import time
 from typing import Any, Protocol, Sequence
 
 import numpy as np
@@ -21,6 +22,7 @@ INLINE_BYTES = 64 << 10
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD")
 BUNDLE_CPU_FLOOR = 0.01       # the bundle of a shard that reserves no CPU (cpus_per_shard = 0)
 PLACEMENT_TIMEOUT_S = 30.0
+CHANNEL_RETRY_S = 60.0        # Ray calls for this long after the lines to a job's shards failed to open
 
 
 class ShardGroup(Protocol):
@@ -122,7 +124,7 @@ class RayShardGroup:
         # The direct lines for a step's calls (workers.channel), opened on first use.
         self._authkey = os.urandom(32)
         self._channels: ShardChannels | None = None
-        self._channels_failed = False          # once they could not be opened, Ray calls it is
+        self._channels_retry_at = 0.0          # after a failure to open them: Ray calls until then
         self._channel_lock = threading.Lock()
         log.info("started %d shard actors (%s), %d BLAS threads each", plan.n_shards, placement, threads)
 
@@ -151,23 +153,33 @@ class RayShardGroup:
         except RemoteError as e:
             raise e.cause from None          # the shard's own exception, as on the Ray path
         except ChannelTimeout as e:
+            # Slow, or gone with its node (no FIN ever came)? Ray knows: a dead actor
+            # makes this raise ShardUnavailable, so the job is recovered, not broken.
+            self._get([a.pid.remote() for a in self.actors], "pid")
             raise ShardTimeout(str(e)) from None
         except ChannelLost as e:
             raise ShardUnavailable(f"a shard died during {method}: {e}; retry the call") from None
 
     def _open_channels(self) -> ShardChannels | None:
-        """The lines to the shards, opened if need be; None (use Ray calls) if they cannot be."""
-        if self._channels_failed:
+        """The lines to the shards, opened if need be; None (use Ray calls) if they cannot be.
+
+        After a failure to open them, calls go through Ray for CHANNEL_RETRY_S, then the
+        lines are tried again; a replaced shard makes them be tried at once.
+        """
+        if self._channels is not None and not self._channels.closed:
+            return self._channels
+        if time.monotonic() < self._channels_retry_at:
             return None
-        if self._channels is None or self._channels.closed:
+        try:
             addresses = self._get([a.open_channel.remote(self._authkey) for a in self.actors], "open_channel")
-            try:
-                self._channels = ShardChannels(addresses, self._authkey)
-            except Exception as exc:           # refused, filtered (timed out), or the handshake failed
-                log.warning("cannot open the lines to the shards at %s (%s: %s); this job uses Ray calls",
-                            addresses, type(exc).__name__, exc)
-                self._channels_failed = True
-                return None
+            self._channels = ShardChannels(addresses, self._authkey)
+        except ShardUnavailable:
+            raise                              # a dead shard: recovery, as on the Ray path
+        except Exception as exc:               # cannot bind, refused, filtered (timed out), handshake failed
+            log.warning("cannot open the lines to the shards (%s: %s); Ray calls for %g s", type(exc).__name__,
+                        exc, CHANNEL_RETRY_S)
+            self._channels_retry_at = time.monotonic() + CHANNEL_RETRY_S
+            return None
         return self._channels
 
     def node_ids(self) -> list[str]:
@@ -187,6 +199,7 @@ class RayShardGroup:
                 dead.append(s)
         if dead:
             self._close_channels()
+            self._channels_retry_at = 0.0
         for s in dead:
             ray.kill(self.actors[s])
             self.actors[s] = self._start(s)

@@ -168,3 +168,50 @@ def test_connecting_to_a_port_that_never_answers_times_out():
         ShardChannels([mute.getsockname()[:2]], KEY, connect_timeout_s=0.3)
     assert time.monotonic() - t0 < 2.0
     mute.close()
+
+
+def test_a_message_that_does_not_unpickle_drops_that_connection_only():
+    from workers.channel import connect
+    (server,) = servers(1)
+    bad = connect(server.address, KEY, 5.0)
+    bad.send_bytes(b"not a pickle")
+    with pytest.raises(EOFError):
+        bad.recv_bytes()                       # the server hung up on it
+    lines = ShardChannels([server.address], KEY)
+    assert lines.call("apply", (0.0,), {}, None, 5.0) == [0]
+
+
+def test_a_call_that_fails_half_way_closes_the_lines():
+    lines = ShardChannels([s.address for s in servers(2)], KEY)
+    with pytest.raises(Exception):
+        lines.call("forward", (1,), {}, [{}, {"scale": lambda: 0}], 5.0)   # the second request does not pickle
+    assert lines.closed                        # shard 0's answer was never read: the lines are out of step
+
+
+def test_a_job_whose_lines_cannot_open_uses_ray_calls_and_tries_again_later(ray_local, monkeypatch):
+    """A real Ray group; the coordinator's connect is made to fail (a port filtered between nodes)."""
+    import service.shard_group as sg
+    from workers.models import ModelSpec
+    from workers.shard import DataSpec
+
+    spec = ModelSpec("softmax", 6, 3)
+    group = sg.RayShardGroup(spec, spec.plan(2), "float64", 1, timeout_s=60)
+    try:
+        group.call("load", DataSpec("synthetic", rows=10, seed=2))
+        expected = group.call("forward", 1)                      # on the lines
+        assert group._channels is not None and not group._channels.closed
+        group._close_channels()
+
+        def filtered(*_, **__):
+            raise TimeoutError("timed out")
+        monkeypatch.setattr(sg, "ShardChannels", filtered)
+        got = group.call("forward", 2)                           # through Ray
+        for (z1, p1, _), (z2, p2, _) in zip(expected, got):
+            np.testing.assert_array_equal(z1, z2)
+        assert group._channels is None and group._channels_retry_at > time.monotonic() + sg.CHANNEL_RETRY_S - 5
+        monkeypatch.undo()
+        group._channels_retry_at = 0.0                           # the retry time has come
+        group.call("forward", 3)
+        assert group._channels is not None and not group._channels.closed
+    finally:
+        group.close()

@@ -70,7 +70,8 @@ def test_fused_step_is_bitwise_the_separate_calls(kind, K, optimizer, dtype, min
             if a is not None:
                 np.testing.assert_array_equal(a, b)
         assert fused.step == plain.step == k + 1 and fused.optimizer.t == plain.optimizer.t
-    assert len(calls) == 5, "the fused path did not run"
+    # fused only when both forwards read every row (the same X); minibatches take the separate calls
+    assert len(calls) == (0 if minibatch else 5)
     # the forward the fused call left behind serves an ordinary backward
     fused.backward(6, dZ_of(Zf, 9))
 

@@ -8,8 +8,12 @@ the calls that read or write a slice; Ray still places, starts, restarts and kil
 the shards, loads their data, and carries what was put in its object store.
 
 The line is `multiprocessing.connection` (stdlib): length-prefixed pickles over TCP,
-with an HMAC challenge on a random key that the coordinator hands each shard through
-Ray, so only the coordinator can connect. Only the methods in CALLS can be called.
+with an HMAC challenge both ways on a random key per job that the coordinator hands
+each shard through Ray. The key is the security boundary: anyone may open a TCP
+connection, but only a holder of the key gets past the handshake, and a peer past it
+sends pickles, which could run code in the shard. CALLS keeps the line to the step's
+methods; it is not a second boundary. The bytes are not encrypted (nor is Ray's own
+traffic between nodes without TLS): keep the nodes on a private network.
 Large arrays travel out of band (pickle protocol 5): written from their own memory and
 read straight into the receiver's, not copied through pickle bytes.
 stdlib and numpy: no Ray, no gRPC.
@@ -19,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import queue
 import socket
 import struct
 import threading
@@ -44,32 +49,66 @@ class RemoteError(Exception):
         self.shard, self.cause = shard, cause
 
 
+MAX_HANDSHAKES = 8            # connections being authenticated at once; more are closed at once
+
+
 class ChannelServer:
-    """Serves CALLS on `target` to one connection at a time, from a daemon thread."""
+    """Serves CALLS on `target` to one authenticated connection at a time.
+
+    Each new connection is authenticated on a thread of its own, so a peer that
+    connects and says nothing (or says it slowly) holds nothing up; authenticated
+    connections queue for the serving thread, which takes the next when the current
+    one closes (a coordinator reconnecting after a timeout waits for the late call).
+    """
 
     def __init__(self, target: Any, host: str, authkey: bytes, handshake_timeout_s: float = 5.0) -> None:
         self.target = target
         self._authkey, self._handshake_timeout_s = authkey, handshake_timeout_s
-        self._socket = socket.create_server((host, 0))
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._socket = socket.create_server((host, 0), family=family)
         self.address: tuple[str, int] = self._socket.getsockname()[:2]
+        self._sessions: queue.Queue[Connection] = queue.Queue()
+        self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
+        threading.Thread(target=self._accept, name="shard-channel-accept", daemon=True).start()
         threading.Thread(target=self._serve, name="shard-channel", daemon=True).start()
 
-    def _serve(self) -> None:
+    def _accept(self) -> None:
         while True:
-            sock, peer = self._socket.accept()
+            try:
+                sock, peer = self._socket.accept()
+            except OSError as exc:                 # e.g. out of descriptors: wait, go on listening
+                log.warning("shard channel: accept failed: %s", exc)
+                time.sleep(0.1)
+                continue
+            if not self._handshakes.acquire(blocking=False):
+                sock.close()
+                continue
+            threading.Thread(target=self._authenticate, args=(sock, peer), daemon=True).start()
+
+    def _authenticate(self, sock: socket.socket, peer: Any) -> None:
+        try:
+            _tune(sock, read_timeout_s=self._handshake_timeout_s)
             conn = Connection(sock.detach())
             try:
-                # A peer that connects and says nothing must not hold the line: time the handshake out.
-                _read_timeout(conn, self._handshake_timeout_s)
                 deliver_challenge(conn, self._authkey)
                 answer_challenge(conn, self._authkey)
                 _read_timeout(conn, 0)
-            except Exception as exc:           # a wrong key, silence, or a peer that went away
+            except Exception as exc:               # a wrong key, silence, or a peer that went away
                 log.warning("shard channel refused a connection from %s: %s", peer, exc)
                 conn.close()
-                continue
+                return
+            self._sessions.put(conn)
+        finally:
+            self._handshakes.release()
+
+    def _serve(self) -> None:
+        while True:
+            conn = self._sessions.get()
             with conn:
-                self._serve_connection(conn)
+                try:
+                    self._serve_connection(conn)
+                except Exception as exc:           # a message that does not unpickle, memory...
+                    log.warning("shard channel: dropped the connection: %s: %s", type(exc).__name__, exc)
 
     def _serve_connection(self, conn: Connection) -> None:
         while True:
@@ -89,11 +128,41 @@ class ChannelServer:
                 return
 
 
+# A peer whose node is gone sends no FIN: keepalive probes and a bound on unacknowledged
+# data turn that silence into an error within about 30 s, as Ray notices a dead node.
+KEEPALIVE = (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))
+USER_TIMEOUT_MS = 30_000
+
+
+def _tune(sock: socket.socket, read_timeout_s: float = 0.0) -> None:
+    """Options of a line's socket, set before Connection takes its descriptor.
+
+    No Nagle: a message is a header write then its buffers' writes, and Nagle's
+    algorithm would hold those back until the peer's (delayed) acknowledgement; that
+    halved the calls per second of bench/load.py before it was set.
+    """
+    sock.settimeout(None)                       # blocking: Connection reads the bare descriptor
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in KEEPALIVE:
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
+    if read_timeout_s:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(read_timeout_s))
+
+
+def _timeval(seconds: float) -> bytes:
+    return struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+
+
 def _read_timeout(conn: Connection, seconds: float) -> None:
-    """Reads on the connection fail after `seconds` (0: never); set on a duplicate of its socket."""
+    """Reads on the connection fail after `seconds` (0: never). Set through a duplicate of
+    its descriptor (socket options belong to the socket, not the descriptor)."""
     with socket.socket(fileno=os.dup(conn.fileno())) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                        struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
+        sock.settimeout(None)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
 
 
 def _send(conn: Connection, reply: tuple) -> None:
@@ -144,10 +213,9 @@ def connect(address: tuple[str, int], authkey: bytes, timeout_s: float) -> Conne
     """multiprocessing.connection.Client, with a timeout on the TCP connect and the handshake
     (a port closed by a firewall would otherwise hang for minutes)."""
     sock = socket.create_connection(tuple(address), timeout=timeout_s)
-    sock.settimeout(None)                       # blocking again: Connection reads the bare descriptor
+    _tune(sock, read_timeout_s=timeout_s)
     conn = Connection(sock.detach())
     try:
-        _read_timeout(conn, timeout_s)
         answer_challenge(conn, authkey)
         deliver_challenge(conn, authkey)
         _read_timeout(conn, 0)
@@ -193,6 +261,9 @@ class ShardChannels:
         except (EOFError, OSError) as exc:
             self.close()
             raise ChannelLost(f"{type(exc).__name__} during {method}: {exc}") from None
+        except BaseException:
+            self.close()                     # half a message sent or read: the lines are out of step
+            raise
         for s, (status, value) in enumerate(replies):
             if status == "error":
                 raise RemoteError(s, value)

@@ -130,17 +130,19 @@ class Shard:
                        next_rows: np.ndarray | None = None) -> tuple[float, None, float, tuple | None]:
         """backward() and apply() in one call, and (with next_token) the next step's forward too:
         one round trip per step when no global clipping is needed."""
-        if next_token is not None and self._fusable(token, step):
+        if next_token is not None and next_rows is None and self._fusable(token, step):
             return self._fused_step(token, dZ, step, lr, next_token, next_rows)
         sqnorm, _, seconds = self.backward(token, dZ)
         seconds += self._apply(step, lr)
         return sqnorm, None, seconds, self._prefetch(next_token, next_rows)
 
     def _fusable(self, token: int, step: int) -> bool:
-        """The math can fuse backward, update and the next forward, and the pending forward
-        was at this shard's own parameters in its own dtype (not a client's theta, not float64)."""
+        """The math can fuse backward, update and the next forward; the pending forward was on
+        every row (the next one is too: the same X, read once) at this shard's own parameters
+        in its own dtype (not a client's theta, not float64)."""
         return (hasattr(self.math, "backward_update_forward") and step == self.step + 1
-                and self._pending is not None and self._pending[0] == token and self._pending[1] is self.theta)
+                and self._pending is not None and self._pending[0] == token and self._pending[1] is self.theta
+                and self._pending[2] is self.X)
 
     def _fused_step(self, token: int, dZ: np.ndarray, step: int, lr: float, next_token: int,
                     next_rows: np.ndarray | None) -> tuple[float, None, float, tuple]:
@@ -154,9 +156,10 @@ class Shard:
         self._pending = None
         X_next = self.X if next_rows is None else self.X[next_rows]     # is Xb when both are every row
         opt = self.optimizer
-        saved = self._save_state()
-        before = opt.begin(self.theta)
+        saved, before = [], (opt.t, opt.m is None)
         try:
+            saved = self._save_state()
+            before = opt.begin(self.theta)
             Z = self.math.backward_update_forward(self.theta, Xb, dZ, self.grad, X_next,
                                                   lambda block: opt.update_block(self.theta, self.grad, lr, block))
             if not np.all(np.isfinite(self.grad)):

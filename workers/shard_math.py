@@ -81,7 +81,7 @@ class LinearShardMath:
         for cols in self.column_blocks(X):
             self._block_gradient(W, X, dZ, gW, cols)
             update(slice(cols.start * self.K, cols.stop * self.K))
-            Z += (X if X_next is X else X_next)[:, cols] @ W[cols]
+            Z += X_next[:, cols] @ W[cols]
         if gb.size:
             dZ.sum(axis=0, out=gb)
             update(slice(self.n_body, self.n_params))
