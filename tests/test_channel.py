@@ -200,7 +200,10 @@ def test_a_job_whose_lines_cannot_open_uses_ray_calls_and_tries_again_later(ray_
         group.call("load", DataSpec("synthetic", rows=10, seed=2))
         expected = group.call("forward", 1)                      # on the lines
         assert group._channels is not None and not group._channels.closed
+        big = np.zeros(100_000)                                  # 800 KB: sent on the line, not put
+        assert group.put(big) is big
         group._close_channels()
+        assert isinstance(group.put(big), ray_local.ObjectRef)   # no line: into Ray's store once
 
         def filtered(*_, **__):
             raise TimeoutError("timed out")
