@@ -218,3 +218,26 @@ def test_a_job_whose_lines_cannot_open_uses_ray_calls_and_tries_again_later(ray_
         assert group._channels is not None and not group._channels.closed
     finally:
         group.close()
+
+
+def test_a_call_that_outlives_the_timeout_is_a_timeout_if_the_shards_live_and_the_lines_reopen(ray_local):
+    """A real Ray group whose forward takes seconds (2 x 4096 x 2000 x 6000 flops a shard), against a 0.2 s timeout."""
+    import service.shard_group as sg
+    from service.errors import ShardTimeout
+    from workers.models import ModelSpec
+    from workers.shard import DataSpec
+
+    spec = ModelSpec("mlp", 2000, 3, 12_000)
+    group = sg.RayShardGroup(spec, spec.plan(2), "float32", 1, timeout_s=60)
+    try:
+        group.call("load", DataSpec("synthetic", rows=4096, seed=2))
+        group.call("get_step")                                   # lines open
+        group.timeout_s = 0.2
+        with pytest.raises(ShardTimeout, match="did not finish forward within 0.2 s"):
+            group.call("forward", 1)
+        assert group._channels.closed                            # a late answer must not be read as the next
+        group.timeout_s = 60
+        assert group.call("get_step") == [0, 0]                  # reopened, once the late forward is done
+        assert not group._channels.closed
+    finally:
+        group.close()
