@@ -130,37 +130,34 @@ class Shard:
                        next_rows: np.ndarray | None = None) -> tuple[float, None, float, tuple | None]:
         """backward() and apply() in one call, and (with next_token) the next step's forward too:
         one round trip per step when no global clipping is needed."""
-        if next_token is not None and next_rows is None and self._fusable(token, step):
-            return self._fused_step(token, dZ, step, lr, next_token, next_rows)
+        if self._fusable(token, step, next_token, next_rows):
+            return self._fused_step(dZ, step, lr, next_token)
         sqnorm, _, seconds = self.backward(token, dZ)
         seconds += self._apply(step, lr)
         return sqnorm, None, seconds, self._prefetch(next_token, next_rows)
 
-    def _fusable(self, token: int, step: int) -> bool:
-        """The math can fuse backward, update and the next forward; the pending forward was on
-        every row (the next one is too: the same X, read once) at this shard's own parameters
-        in its own dtype (not a client's theta, not float64)."""
-        return (hasattr(self.math, "backward_update_forward") and step == self.step + 1
-                and self._pending is not None and self._pending[0] == token and self._pending[1] is self.theta
-                and self._pending[2] is self.X)
+    def _fusable(self, token: int, step: int, next_token: int | None, next_rows: np.ndarray | None) -> bool:
+        """The math can fuse backward, update and the next forward; the pending forward and the
+        next one both read every row (the same X, read once), the pending one at this shard's
+        own parameters in its own dtype (not a client's theta, not float64)."""
+        return (next_token is not None and next_rows is None and hasattr(self.math, "backward_update_forward")
+                and step == self.step + 1 and self._pending is not None and self._pending[0] == token
+                and self._pending[1] is self.theta and self._pending[2] is self.X)
 
-    def _fused_step(self, token: int, dZ: np.ndarray, step: int, lr: float, next_token: int,
-                    next_rows: np.ndarray | None) -> tuple[float, None, float, tuple]:
+    def _fused_step(self, dZ: np.ndarray, step: int, lr: float, next_token: int) -> tuple[float, None, float, tuple]:
         """What the unfused calls return, bitwise, from one pass over the shard's columns.
 
         The gradient is checked once the pass is done; if it is not finite, theta and the
         optimizer state go back to copies taken before it, so nothing is applied, as in apply().
         """
         t0 = time.perf_counter()
-        _, _, Xb, _ = self._take(token)
         self._pending = None
-        X_next = self.X if next_rows is None else self.X[next_rows]     # is Xb when both are every row
         opt = self.optimizer
         saved, before = [], (opt.t, opt.m is None)
         try:
             saved = self._save_state()
             before = opt.begin(self.theta)
-            Z = self.math.backward_update_forward(self.theta, Xb, dZ, self.grad, X_next,
+            Z = self.math.backward_update_forward(self.theta, self.X, dZ, self.grad,
                                                   lambda block: opt.update_block(self.theta, self.grad, lr, block))
             if not np.all(np.isfinite(self.grad)):
                 raise ValueError(f"shard {self.index}: the gradient of step {step} is not finite; nothing was applied")
@@ -170,7 +167,7 @@ class Shard:
             raise
         self.step = step
         sqnorm = float(np.vdot(self.grad, self.grad))
-        self._pending = (next_token, self.theta, X_next, None)
+        self._pending = (next_token, self.theta, self.X, None)
         return sqnorm, None, time.perf_counter() - t0, (Z, self.math.penalty(self.theta), 0.0)
 
     def _save_state(self) -> list[tuple[np.ndarray, np.ndarray]]:

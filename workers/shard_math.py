@@ -67,21 +67,21 @@ class LinearShardMath:
             gW[cols] += self.l2 * W[cols]
 
     def backward_update_forward(self, theta: np.ndarray, X: np.ndarray, dZ: np.ndarray, out: np.ndarray,
-                                X_next: np.ndarray, update: Callable[[slice], None]) -> np.ndarray:
-        """backward(), an update of theta and forward() on X_next in one pass over the columns.
+                                update: Callable[[slice], None]) -> np.ndarray:
+        """backward(), an update of theta and the next forward() on the same X, in one pass.
 
         Each block of columns is read from memory once: its gradient, then update(flat
         slice of theta) on it, then its share of the next output, while it is in cache.
         The step is memory-bound, so this takes about half the time of the three calls.
-        Returns the next forward's Z (B', K); out holds the gradient.
+        Returns the next forward's Z (B, K); out holds the gradient.
         """
         W, b = self.split(theta)
         gW, gb = self.split(out)
-        Z = np.zeros((X_next.shape[0], self.K), np.result_type(X_next, W))
+        Z = np.zeros((X.shape[0], self.K), np.result_type(X, W))
         for cols in self.column_blocks(X):
             self._block_gradient(W, X, dZ, gW, cols)
             update(slice(cols.start * self.K, cols.stop * self.K))
-            Z += X_next[:, cols] @ W[cols]
+            Z += X[:, cols] @ W[cols]
         if gb.size:
             dZ.sum(axis=0, out=gb)
             update(slice(self.n_body, self.n_params))
