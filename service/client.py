@@ -12,7 +12,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gradshard.v1 import gradshard_pb2 as pb
 from gradshard.v1 import gradshard_pb2_grpc as pb_grpc
 from service.auth import BearerToken
-from service.tensors import decode_stream, encode_all
+from service.chunkwire import read_chunk, read_gradient_response
+from service.tensors import decode_parts, encode_all
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradShard"].full_name
 
 MODEL_NAMES = {"linear": pb.LINEAR, "logistic": pb.LOGISTIC, "softmax": pb.SOFTMAX, "mlp": pb.MLP}
 DTYPE_NAMES = {"float32": pb.FLOAT32, "float64": pb.FLOAT64}
@@ -29,6 +32,13 @@ def optimizer(kind: str = "sgd", **fields) -> pb.Optimizer:
 def schedule(kind: str = "constant", **fields) -> pb.Schedule:
     """A Schedule message: schedule("cosine", total_steps=1000, warmup_steps=50)."""
     return pb.Schedule(kind=SCHEDULE_NAMES[kind], **fields)
+
+
+def _chunks_only(responses: Iterator) -> Iterator:
+    for r in responses:
+        if isinstance(r, pb.GradientSummary):
+            raise ValueError("the server's gradient stream holds a second summary")
+        yield r
 
 
 def _batch(rows) -> pb.Batch:
@@ -53,6 +63,12 @@ class Client:
         channel = grpc.intercept_channel(self.channel, BearerToken(token)) if token else self.channel
         self.stub = pb_grpc.GradShardStub(channel)
         self.timeout = timeout
+        # The two calls that stream tensors out take the raw messages and read each chunk's data
+        # as a view of them (service.chunkwire): the protobuf classes would copy it twice more.
+        self._get_parameters = channel.unary_stream(
+            f"/{SERVICE_NAME}/GetParameters", request_serializer=pb.GetParametersRequest.SerializeToString)
+        self._compute_gradient = channel.stream_stream(
+            f"/{SERVICE_NAME}/ComputeGradient", request_serializer=pb.GradientRequest.SerializeToString)
 
     def close(self) -> None:
         self.channel.close()
@@ -115,8 +131,8 @@ class Client:
 
     # --- parameters and gradients -------------------------------------------------
     def get_params(self, job_id: str, flat: bool = False) -> dict[str, np.ndarray]:
-        return decode_stream(self.stub.GetParameters(pb.GetParametersRequest(job_id=job_id, flat=flat),
-                                                     timeout=self.timeout))
+        responses = self._get_parameters(pb.GetParametersRequest(job_id=job_id, flat=flat), timeout=self.timeout)
+        return decode_parts(read_chunk(raw) for raw in responses)
 
     def set_params(self, job_id: str, tensors: dict[str, np.ndarray]) -> pb.Job:
         def requests():
@@ -128,13 +144,21 @@ class Client:
     def gradient(self, job_id: str, rows=None, params: dict[str, np.ndarray] | None = None,
                  flat: bool = False) -> tuple[pb.GradientSummary, dict[str, np.ndarray]]:
         """(summary with the loss, gradient tensors) at the job's parameters or at `params`."""
+        summary, chunks = self.gradient_stream(job_id, rows, params, flat)
+        return summary, decode_parts(chunks)
+
+    def gradient_stream(self, job_id: str, rows=None, params: dict[str, np.ndarray] | None = None,
+                        flat: bool = False) -> tuple[pb.GradientSummary, Iterator[tuple[pb.TensorChunk, memoryview]]]:
+        """gradient() as it arrives: the summary, then each chunk as (its fields but data, its data)."""
         def requests():
             yield pb.GradientRequest(job_id=job_id, batch=_batch(rows), flat=flat)
             for chunk in encode_all(params or {}):
                 yield pb.GradientRequest(parameters=chunk)
-        responses = self.stub.ComputeGradient(requests(), timeout=self.timeout)
-        summary = next(responses).summary
-        return summary, decode_stream(r.chunk for r in responses)
+        responses = (read_gradient_response(raw) for raw in self._compute_gradient(requests(), timeout=self.timeout))
+        summary = next(responses)
+        if not isinstance(summary, pb.GradientSummary):
+            raise ValueError("the server's gradient stream did not start with its summary")
+        return summary, _chunks_only(responses)
 
     # --- training and checks ------------------------------------------------------
     def step(self, job_id: str, steps: int = 1, learning_rate: float = 0.0,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -37,11 +38,16 @@ SPLITS = ("all", "train", "holdout")
 @dataclass
 class GradientResult:
     loss: float
-    grad: np.ndarray              # flat view (n_params,)
+    pieces: list[np.ndarray]      # the shards' slices of the flat gradient, in order
     grad_norm: float
     rows: int
     step: int
     shard_seconds: list[float]
+
+    @functools.cached_property
+    def grad(self) -> np.ndarray:
+        """The flat gradient (n_params,); the servicer streams the pieces instead of joining them."""
+        return np.concatenate(self.pieces)
 
 
 @dataclass
@@ -180,9 +186,13 @@ class Coordinator:
 
     # --- parameters -------------------------------------------------------------------
     def get_params(self, job_id: str) -> np.ndarray:
+        return np.concatenate(self.param_pieces(job_id))
+
+    def param_pieces(self, job_id: str) -> list[np.ndarray]:
+        """The shards' slices of the flat parameters, in order (get_params without joining them)."""
         job = self.jobs.get(job_id)
         with using(job), self._marking(job):
-            return np.concatenate(job.group.call("get_params"))
+            return job.group.call("get_params")
 
     def set_params(self, job_id: str, named: dict[str, np.ndarray]) -> Job:
         """Replace the tensors given (named, or "flat"); the others keep their values.
@@ -211,9 +221,9 @@ class Coordinator:
             fwd = forward(job, rows, theta)
             loss, dZ = loss_and_dZ(job.spec.loss, fwd.Z, fwd.y)
             out = job.group.call("backward", fwd.token, job.group.put(dZ), want_grad=True)
-            grad = np.concatenate([g for _, g, _ in out])
             seconds = [a + b for a, (_, _, b) in zip(fwd.shard_seconds, out)]
-            return GradientResult(loss + fwd.penalty, grad, math.sqrt(sum(q for q, _, _ in out)), len(fwd.y),
+            return GradientResult(loss + fwd.penalty, [g for _, g, _ in out], math.sqrt(sum(q for q, _, _ in out)),
+                                  len(fwd.y),
                                   job.step, seconds)
 
     def step(self, job_id: str, steps: int, learning_rate: float = 0.0,

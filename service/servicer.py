@@ -21,7 +21,8 @@ from service import errors
 from service.coordinator import Coordinator
 from service.convert import (config_from_pb, dataset_to_pb, evaluation_to_pb, job_to_pb, report_to_pb,
                              split_from_pb, train_event_to_pb)
-from service.tensors import FirstChunkCheck, TensorAssembler, encode, encode_all, expect_shapes
+from service.chunkwire import encode_flat
+from service.tensors import FirstChunkCheck, TensorAssembler, encode_all, expect_shapes
 
 log = logging.getLogger(__name__)
 MAX_WORST = 100   # worst coordinates listed per shard: keeps a CheckGradient answer well under 4 MiB
@@ -127,8 +128,11 @@ class GradShardServicer(pb_grpc.GradShardServicer):
     @_streaming
     def GetParameters(self, request, context):
         job = self.coordinator.jobs.get(request.job_id)
-        flat = self.coordinator.get_params(request.job_id)
-        yield from encode("flat", flat) if request.flat else encode_all(job.spec.to_named(flat))
+        pieces = self.coordinator.param_pieces(request.job_id)
+        if request.flat:
+            yield from encode_flat("flat", pieces)
+        else:
+            yield from encode_all(job.spec.to_named(np.concatenate(pieces)))
 
     @_unary
     def SetParameters(self, request_iterator, context):
@@ -144,9 +148,11 @@ class GradShardServicer(pb_grpc.GradShardServicer):
         yield pb.GradientResponse(summary=pb.GradientSummary(
             loss=result.loss, grad_norm=result.grad_norm, rows=result.rows, step=result.step,
             shard_seconds=result.shard_seconds))
-        chunks = encode("flat", result.grad) if head.flat else encode_all(job.spec.to_named(result.grad))
-        for chunk in chunks:
-            yield pb.GradientResponse(chunk=chunk)
+        if head.flat:
+            yield from encode_flat("flat", result.pieces, in_gradient_response=True)
+        else:
+            for chunk in encode_all(job.spec.to_named(result.grad)):
+                yield pb.GradientResponse(chunk=chunk)
 
     @_streaming
     def Step(self, request, context):

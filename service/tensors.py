@@ -103,15 +103,20 @@ class TensorAssembler:
 
 def decode_stream(chunks: Iterable[pb.TensorChunk]) -> dict[str, np.ndarray]:
     """Decode chunks without a job to check against (the client's side); writable arrays."""
+    # each read of the data field is a new copy: read it once
+    return decode_parts((c, c.data) for c in chunks)
+
+
+def decode_parts(parts: Iterable[tuple[pb.TensorChunk, bytes | memoryview]]) -> dict[str, np.ndarray]:
+    """decode_stream for chunks given as (chunk's other fields, its data) (service.chunkwire.read_chunk)."""
     buffers: dict[str, tuple[np.ndarray, np.dtype, tuple[int, ...]]] = {}
     filled: dict[str, int] = {}
-    for c in chunks:
+    for c, data in parts:
         if c.name not in buffers:
             dtype, shape = dtype_from_pb(c.dtype).newbyteorder("<"), tuple(c.shape)
             buffers[c.name] = (np.empty(math.prod(shape) * dtype.itemsize, np.uint8), dtype, shape)
             filled[c.name] = 0
         buf = buffers[c.name][0]
-        data = c.data                  # each read of the field is a new copy: read it once
         if c.offset != filled[c.name] or c.offset + len(data) > len(buf):
             raise ValueError(f"tensor {c.name}: chunk at offset {c.offset} does not follow {filled[c.name]}")
         buf[c.offset: c.offset + len(data)] = np.frombuffer(data, np.uint8)
