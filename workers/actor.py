@@ -10,6 +10,7 @@ import ray
 from threadpoolctl import threadpool_limits
 
 from workers.channel import ChannelServer, locked
+from workers.memory import keep_freed_memory
 from workers.shard import Shard
 
 
@@ -20,6 +21,7 @@ class ShardActor(Shard):
         # Ray's default of one thread per actor wastes cores when a shard has more;
         # more threads than CPUs makes shards on one node fight each other.
         self._thread_limits = threadpool_limits(limits=blas_threads)
+        keep_freed_memory()                  # the next step reuses this step's pages (workers.memory)
         self._lock = threading.RLock()       # Ray's thread and the channel's take turns (re-entrant: methods call methods)
         self._channel: ChannelServer | None = None
         super().__init__(*args, **kwargs)
