@@ -1,7 +1,7 @@
 """W4's two ends in a process of their own, as a real client or server would be.
 
-    python -m bench.fetch --target 127.0.0.1:PORT --job JOB [--repeats 10]
-        fetch a job's flat gradient and parameters; print their times as JSON
+    python -m bench.fetch --target 127.0.0.1:PORT --job JOB --tiny-job JOB [--repeats 10]
+        fetch a job's flat gradient and parameters, and a tiny job's gradient; print the times as JSON
     python -m bench.fetch --serve-bare
         a bare gRPC server that streams a prepared 1M float32 tensor (W4's ceiling); prints its port
 
@@ -18,36 +18,50 @@ from concurrent import futures
 import numpy as np
 
 
-def fetch_times(target: str, job_id: str, repeats: int) -> dict:
+def fetch_times(target: str, job_id: str, tiny_job_id: str, repeats: int) -> dict:
+    """Seconds per fetch, the shards' compute left out: the whole gradient call, its stream after
+    the summary, the same call on a tiny job (the fixed cost of a call), and GetParameters."""
     from service.client import Client
-    gradient, params = [], []
+    from service.tensors import decode_parts
+    out = {"gradient_s": [], "stream_s": [], "tiny_s": [], "params_s": []}
     with Client(target, timeout=300) as client:
-        client.gradient(job_id, flat=True)                 # warm-up
-        for _ in range(repeats):
+        def gradient(job: str) -> tuple[float, float, int]:
             t0 = time.perf_counter()
-            summary, grads = client.gradient(job_id, flat=True)
+            summary, chunks = client.gradient_stream(job, flat=True)
+            t1 = time.perf_counter()
+            grads = decode_parts(chunks)
+            t2 = time.perf_counter()
             # the shards' compute is not the fetch: leave the slowest shard's time out
-            gradient.append(time.perf_counter() - t0 - max(summary.shard_seconds))
+            return t2 - t0 - max(summary.shard_seconds), t2 - t1, grads["flat"].nbytes
+
+        gradient(job_id), gradient(tiny_job_id)             # warm-up
+        for _ in range(repeats):
+            total, stream, nbytes = gradient(job_id)
+            out["gradient_s"].append(total)
+            out["stream_s"].append(stream)
+            out["tiny_s"].append(gradient(tiny_job_id)[0])
             t0 = time.perf_counter()
             client.get_params(job_id, flat=True)
-            params.append(time.perf_counter() - t0)
-    return {"gradient_s": gradient, "params_s": params, "nbytes": int(grads["flat"].nbytes)}
+            out["params_s"].append(time.perf_counter() - t0)
+    return {**out, "nbytes": nbytes}
 
 
 def serve_bare() -> None:
     import grpc
 
     from gradshard.v1 import gradshard_pb2_grpc as pb_grpc
-    from service.tensors import encode
+    from service.chunkwire import encode_flat, with_passthrough
+    from workers.memory import keep_freed_memory
 
+    keep_freed_memory()                 # as the coordinator does
     flat = np.random.default_rng(0).random(1_000_000).astype(np.float32)
 
     class Bare(pb_grpc.GradShardServicer):
         def GetParameters(self, request, context):
-            yield from encode("flat", flat)
+            yield from encode_flat("flat", [flat])
 
     server = grpc.server(futures.ThreadPoolExecutor(4))
-    pb_grpc.add_GradShardServicer_to_server(Bare(), server)
+    with_passthrough(pb_grpc.add_GradShardServicer_to_server, Bare(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     print(port, flush=True)
@@ -59,13 +73,14 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target")
     p.add_argument("--job")
+    p.add_argument("--tiny-job")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--serve-bare", action="store_true")
     a = p.parse_args(argv)
     if a.serve_bare:
         serve_bare()
     else:
-        print(json.dumps(fetch_times(a.target, a.job, a.repeats)))
+        print(json.dumps(fetch_times(a.target, a.job, a.tiny_job, a.repeats)))
     return 0
 
 
