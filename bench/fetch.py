@@ -50,7 +50,7 @@ def serve_bare() -> None:
     import grpc
 
     from gradshard.v1 import gradshard_pb2_grpc as pb_grpc
-    from service.chunkwire import encode_flat, with_passthrough
+    from service.chunkwire import encode_pieces, register
     from workers.memory import keep_freed_memory
 
     keep_freed_memory()                 # as the coordinator does
@@ -58,10 +58,10 @@ def serve_bare() -> None:
 
     class Bare(pb_grpc.GradShardServicer):
         def GetParameters(self, request, context):
-            yield from encode_flat("flat", [flat])
+            yield from encode_pieces("flat", [flat])
 
     server = grpc.server(futures.ThreadPoolExecutor(4))
-    with_passthrough(pb_grpc.add_GradShardServicer_to_server, Bare(), server)
+    register(pb_grpc.add_GradShardServicer_to_server, Bare(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     print(port, flush=True)

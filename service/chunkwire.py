@@ -3,23 +3,25 @@
 protobuf's Python runtime copies a `bytes` field on every step: `bytes(view)` to fill the
 message, `SerializeToString` to write it, `FromString` to read it and each read of
 `chunk.data`. For the 1 MiB chunks of a 4 MB gradient those copies were a third of the
-fetch (W4 in bench/RESULTS.md). So:
+fetch (W4 in bench/RESULTS.md). So, on both ends and in both directions:
 
-- `encode_flat` writes each message itself, in one `b"".join` of the small fields
-  (serialized by protobuf) and the data straight from the arrays' memory. protobuf writes
-  fields in field-number order and `data` is TensorChunk's last field, so the bytes are
-  exactly those of `SerializeToString` (the tests compare them): any client parses them.
-- `read_chunk` and `read_gradient_response` find the data field by walking the message's
-  top-level fields (the wire format's keys and lengths), parse the rest with protobuf and
-  return the data as a view of the received bytes. Anything unexpected (the field twice,
-  a group, a truncated message) is left to protobuf's own parser, which is always right.
+- `encode_pieces` writes each message itself, in one `b"".join` of the small fields
+  (serialized by protobuf) and the data straight from the arrays' memory, optionally
+  wrapped as the chunk field of an enclosing message. protobuf writes fields in
+  field-number order and `data` is TensorChunk's last field, so the bytes are exactly
+  those of `SerializeToString` (the tests compare them): any peer parses them.
+- `read_chunk`, `read_gradient_response` and `chunk_reader` find the data by walking the
+  messages' top-level fields (the wire format's keys and lengths), parse the rest with
+  protobuf and return the data as a view of the received bytes. Anything unexpected (a
+  field twice, a group, a truncated message) is left to protobuf's own parser, which is
+  always right.
 
-The server registers its handlers with `passthrough` serializers so that a servicer may
-yield such prepared bytes as well as messages.
+`register` adds a generated service to a server with serializers that send prepared bytes
+as they are, and with such readers for the methods that receive chunks.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import grpc
 import numpy as np
@@ -27,8 +29,16 @@ import numpy as np
 from gradshard.v1 import gradshard_pb2 as pb
 from service.tensors import CHUNK_BYTES, dtype_to_pb
 
-_DATA_FIELD = pb.TensorChunk.DESCRIPTOR.fields_by_name["data"].number
-_CHUNK_FIELD = pb.GradientResponse.DESCRIPTOR.fields_by_name["chunk"].number
+
+def field_number(message: type, name: str) -> int:
+    return message.DESCRIPTOR.fields_by_name[name].number
+
+
+_DATA_FIELD = field_number(pb.TensorChunk, "data")
+GRADIENT_RESPONSE_CHUNK = field_number(pb.GradientResponse, "chunk")
+GRADIENT_REQUEST_PARAMETERS = field_number(pb.GradientRequest, "parameters")
+SET_PARAMETERS_CHUNK = field_number(pb.SetParametersRequest, "chunk")
+UPLOAD_DATASET_CHUNK = field_number(pb.UploadDatasetRequest, "chunk")
 _LENGTH_DELIMITED = 2
 
 
@@ -57,21 +67,24 @@ def _byte_views(pieces: Sequence[np.ndarray]) -> list[memoryview]:
     return views
 
 
-def encode_flat(name: str, pieces: Sequence[np.ndarray], in_gradient_response: bool = False,
-                chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
-    """Serialized TensorChunks (or GradientResponses holding them) of the 1-D tensor made of `pieces`.
+def encode_pieces(name: str, pieces: Sequence[np.ndarray], shape: Sequence[int] | None = None,
+                  field: int | None = None, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """Serialized TensorChunks of the tensor whose data is `pieces` laid end to end.
 
-    The pieces (at least one, all of one dtype) are the tensor's data in order, for example
-    the shards' slices of a flat vector: they are never concatenated, each message copies
-    its share of them once. An empty tensor is one chunk with no data, as `tensors.encode`
-    sends it.
+    The pieces (at least one, all of one dtype, C order) are never concatenated, for
+    example the shards' slices of a flat vector: each message copies its share of them
+    once. `shape` defaults to the 1-D length of all of them. With `field`, each chunk is
+    wrapped as that field of an enclosing message (GradientResponse.chunk,
+    SetParametersRequest.chunk, ...), as protobuf serializes that message with only the
+    chunk set. An empty tensor is one chunk with no data, as `tensors.encode` sends it.
     """
     dtypes = {np.dtype(p.dtype) for p in pieces}
     if len(dtypes) != 1:
         raise ValueError(f"the pieces of tensor {name} must share one dtype, got {sorted(map(str, dtypes))}")
-    wtype, shape = dtype_to_pb(dtypes.pop()), [sum(p.size for p in pieces)]
     views = _byte_views(pieces)
     total = sum(len(v) for v in views)
+    wtype = dtype_to_pb(dtypes.pop())
+    shape = [sum(p.size for p in pieces)] if shape is None else list(shape)
     piece, at = 0, 0                    # the next byte to send: views[piece][at]
     for offset in range(0, max(total, 1), chunk_bytes):
         head = pb.TensorChunk(name=name, dtype=wtype, shape=shape, offset=offset).SerializeToString()
@@ -84,23 +97,31 @@ def encode_flat(name: str, pieces: Sequence[np.ndarray], in_gradient_response: b
             if at == len(views[piece]):
                 piece, at = piece + 1, 0
         size = sum(len(p) for p in parts)
-        data_field = [_key(_DATA_FIELD), _varint(size), *parts] if size else []
-        message = [head, *data_field]
-        if in_gradient_response:
-            inner = len(head) + (len(data_field[0]) + len(data_field[1]) + size if size else 0)
-            message = [_key(_CHUNK_FIELD), _varint(inner), *message]
+        message = [head, _key(_DATA_FIELD), _varint(size), *parts] if size else [head]
+        if field is not None:
+            message = [_key(field), _varint(sum(len(m) for m in message)), *message]
         yield b"".join(message)
 
 
+def encode_tensors(tensors: dict[str, np.ndarray], field: int | None = None) -> Iterator[bytes]:
+    """encode_pieces of each named array, in order, with its shape."""
+    for name, array in tensors.items():
+        a = np.ascontiguousarray(array)
+        yield from encode_pieces(name, [a.reshape(-1)], a.shape, field)
+
+
 def passthrough(serializer: Callable[[object], bytes]) -> Callable[[object], bytes]:
-    """A response serializer that sends prepared bytes as they are and serializes messages."""
+    """A serializer that sends prepared bytes as they are and serializes messages."""
     def serialize(message: object) -> bytes:
         return message if type(message) is bytes else serializer(message)
     return serialize
 
 
-def with_passthrough(add_to_server: Callable, servicer: object, server: grpc.Server) -> None:
-    """Register a generated service (its `add_XServicer_to_server`) with `passthrough` serializers."""
+def register(add_to_server: Callable, servicer: object, server: grpc.Server,
+             request_readers: dict[str, Callable[[bytes], object]] | None = None) -> None:
+    """Add a generated service (its `add_XServicer_to_server`) to `server`: every response
+    serializer a `passthrough`, and `request_readers` in place of the named methods' request
+    deserializers."""
     class Recorder:
         def add_generic_rpc_handlers(self, handlers):
             pass
@@ -110,8 +131,13 @@ def with_passthrough(add_to_server: Callable, servicer: object, server: grpc.Ser
 
     recorder = Recorder()
     add_to_server(servicer, recorder)
-    handlers = {method: h._replace(response_serializer=passthrough(h.response_serializer))
-                for method, h in recorder.handlers.items()}
+    readers = request_readers or {}
+    handlers = {}
+    for method, h in recorder.handlers.items():
+        h = h._replace(response_serializer=passthrough(h.response_serializer))
+        if method in readers:
+            h = h._replace(request_deserializer=readers[method])
+        handlers[method] = h
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(recorder.name, handlers),))
     server.add_registered_method_handlers(recorder.name, handlers)
 
@@ -153,7 +179,7 @@ def _cut_field(buf: memoryview, number: int) -> tuple[bytes, memoryview | None]:
             length, i = _read_varint(buf, i)
             if key >> 3 == number:
                 if found is not None:
-                    raise _Unusual     # repeated: protobuf's rules (last wins, or merge) apply
+                    raise _Unusual     # given twice: protobuf's rules (last wins, or merge) apply
                 found = (start, i, i + length)
             i += length
         else:
@@ -166,11 +192,10 @@ def _cut_field(buf: memoryview, number: int) -> tuple[bytes, memoryview | None]:
     return bytes(buf[:start]) + bytes(buf[end:]), buf[value:end]
 
 
-def read_chunk(raw: bytes) -> tuple[pb.TensorChunk, memoryview]:
+def read_chunk(raw: bytes | memoryview) -> tuple[pb.TensorChunk, memoryview]:
     """A serialized TensorChunk as (its fields but data, a view of its data)."""
-    buf = memoryview(raw)
     try:
-        rest, data = _cut_field(buf, _DATA_FIELD)
+        rest, data = _cut_field(memoryview(raw), _DATA_FIELD)
     except _Unusual:
         chunk = pb.TensorChunk.FromString(bytes(raw))
         return chunk, memoryview(chunk.data)
@@ -180,7 +205,7 @@ def read_chunk(raw: bytes) -> tuple[pb.TensorChunk, memoryview]:
 def read_gradient_response(raw: bytes) -> pb.GradientSummary | tuple[pb.TensorChunk, memoryview]:
     """A serialized GradientResponse: its summary, or its chunk as `read_chunk` gives it."""
     try:
-        rest, inner = _cut_field(memoryview(raw), _CHUNK_FIELD)
+        rest, inner = _cut_field(memoryview(raw), GRADIENT_RESPONSE_CHUNK)
     except _Unusual:
         inner = None
     if inner is None or rest:          # a summary, or anything beside the chunk: protobuf decides
@@ -189,3 +214,35 @@ def read_gradient_response(raw: bytes) -> pb.GradientSummary | tuple[pb.TensorCh
             return response.chunk, memoryview(response.chunk.data)
         return response.summary
     return read_chunk(inner)
+
+
+class WithChunk(NamedTuple):
+    """A request whose TensorChunk field was read apart: the rest of the message (without
+    that chunk), the chunk's fields but data (None if the field is absent) and its data."""
+    message: object
+    chunk: pb.TensorChunk | None
+    data: memoryview
+
+
+def chunk_reader(message_type: type, field: str) -> Callable[[bytes], WithChunk]:
+    """A request deserializer for messages of `message_type` whose `field` is a TensorChunk."""
+    number = field_number(message_type, field)
+    # cutting a oneof member out would change which member protobuf keeps
+    assert message_type.DESCRIPTOR.fields_by_name[field].containing_oneof is None, field
+
+    def read(raw: bytes) -> WithChunk:
+        try:
+            rest, inner = _cut_field(memoryview(raw), number)
+        except _Unusual:
+            message = message_type.FromString(raw)
+            if not message.HasField(field):
+                return WithChunk(message, None, memoryview(b""))
+            chunk = pb.TensorChunk()
+            chunk.CopyFrom(getattr(message, field))
+            message.ClearField(field)
+            return WithChunk(message, chunk, memoryview(chunk.data))
+        message = message_type.FromString(rest)
+        if inner is None:
+            return WithChunk(message, None, memoryview(b""))
+        return WithChunk(message, *read_chunk(inner))
+    return read

@@ -12,8 +12,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gradshard.v1 import gradshard_pb2 as pb
 from gradshard.v1 import gradshard_pb2_grpc as pb_grpc
 from service.auth import BearerToken
-from service.chunkwire import read_chunk, read_gradient_response
-from service.tensors import decode_parts, encode_all
+from service.chunkwire import (GRADIENT_REQUEST_PARAMETERS, SET_PARAMETERS_CHUNK, UPLOAD_DATASET_CHUNK,
+                               encode_tensors, passthrough, read_chunk, read_gradient_response)
+from service.tensors import decode_parts
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradShard"].full_name
 
@@ -65,10 +66,17 @@ class Client:
         self.timeout = timeout
         # The two calls that stream tensors out take the raw messages and read each chunk's data
         # as a view of them (service.chunkwire): the protobuf classes would copy it twice more.
+        # The calls that send tensors send prepared chunk messages (or messages) the same way.
         self._get_parameters = channel.unary_stream(
             f"/{SERVICE_NAME}/GetParameters", request_serializer=pb.GetParametersRequest.SerializeToString)
         self._compute_gradient = channel.stream_stream(
-            f"/{SERVICE_NAME}/ComputeGradient", request_serializer=pb.GradientRequest.SerializeToString)
+            f"/{SERVICE_NAME}/ComputeGradient", request_serializer=passthrough(pb.GradientRequest.SerializeToString))
+        self._set_parameters = channel.stream_unary(
+            f"/{SERVICE_NAME}/SetParameters", request_serializer=passthrough(pb.SetParametersRequest.SerializeToString),
+            response_deserializer=pb.Job.FromString)
+        self._upload_dataset = channel.stream_unary(
+            f"/{SERVICE_NAME}/UploadDataset", request_serializer=passthrough(pb.UploadDatasetRequest.SerializeToString),
+            response_deserializer=pb.Dataset.FromString)
 
     def close(self) -> None:
         self.channel.close()
@@ -137,9 +145,8 @@ class Client:
     def set_params(self, job_id: str, tensors: dict[str, np.ndarray]) -> pb.Job:
         def requests():
             yield pb.SetParametersRequest(job_id=job_id)
-            for chunk in encode_all(tensors):
-                yield pb.SetParametersRequest(chunk=chunk)
-        return self.stub.SetParameters(requests(), timeout=self.timeout)
+            yield from encode_tensors(tensors, field=SET_PARAMETERS_CHUNK)
+        return self._set_parameters(requests(), timeout=self.timeout)
 
     def gradient(self, job_id: str, rows=None, params: dict[str, np.ndarray] | None = None,
                  flat: bool = False) -> tuple[pb.GradientSummary, dict[str, np.ndarray]]:
@@ -152,8 +159,7 @@ class Client:
         """gradient() as it arrives: the summary, then each chunk as (its fields but data, its data)."""
         def requests():
             yield pb.GradientRequest(job_id=job_id, batch=_batch(rows), flat=flat)
-            for chunk in encode_all(params or {}):
-                yield pb.GradientRequest(parameters=chunk)
+            yield from encode_tensors(params or {}, field=GRADIENT_REQUEST_PARAMETERS)
         responses = (read_gradient_response(raw) for raw in self._compute_gradient(requests(), timeout=self.timeout))
         summary = next(responses)
         if not isinstance(summary, pb.GradientSummary):
@@ -186,9 +192,8 @@ class Client:
         """Stream X (rows, features) and y (rows,) to the server in chunks of at most 1 MiB."""
         def requests():
             yield pb.UploadDatasetRequest(name=name, classes=classes)
-            for chunk in encode_all({"X": X, "y": y}):
-                yield pb.UploadDatasetRequest(chunk=chunk)
-        return self.stub.UploadDataset(requests(), timeout=self.timeout)
+            yield from encode_tensors({"X": X, "y": y}, field=UPLOAD_DATASET_CHUNK)
+        return self._upload_dataset(requests(), timeout=self.timeout)
 
     def list_datasets(self) -> list[pb.Dataset]:
         return list(self.stub.ListDatasets(pb.ListDatasetsRequest(), timeout=self.timeout).datasets)

@@ -14,14 +14,14 @@ from grpc_reflection.v1alpha import reflection
 from gradshard.v1 import gradshard_pb2 as pb
 from gradshard.v1 import gradshard_pb2_grpc as pb_grpc
 from service.auth import TokenInterceptor, check_exposure, server_credentials
-from service.chunkwire import with_passthrough
+from service.chunkwire import register
 from service.config import Settings
 from service.coordinator import Coordinator
 from service.datasets import DatasetStore
 from service.jobs import Limits
 from service.metrics import Metrics
 from service.runtime import start_ray
-from service.servicer import GradShardServicer
+from service.servicer import REQUEST_READERS, GradShardServicer
 from service.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,8 @@ def create_server(coordinator: Coordinator, address: str, workers: int = 16,
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=interceptors,
                          options=options)
-    # the servicer streams prepared chunk bytes as well as messages (service.chunkwire)
-    with_passthrough(pb_grpc.add_GradShardServicer_to_server, GradShardServicer(coordinator), server)
+    # the servicer streams prepared chunk bytes as well as messages, and reads chunks apart (service.chunkwire)
+    register(pb_grpc.add_GradShardServicer_to_server, GradShardServicer(coordinator), server, REQUEST_READERS)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):

@@ -21,8 +21,8 @@ from service import errors
 from service.coordinator import Coordinator
 from service.convert import (config_from_pb, dataset_to_pb, evaluation_to_pb, job_to_pb, report_to_pb,
                              split_from_pb, train_event_to_pb)
-from service.chunkwire import encode_flat
-from service.tensors import FirstChunkCheck, TensorAssembler, encode_all, expect_shapes
+from service.chunkwire import GRADIENT_RESPONSE_CHUNK, WithChunk, chunk_reader, encode_pieces, encode_tensors
+from service.tensors import FirstChunkCheck, TensorAssembler, expect_shapes
 
 log = logging.getLogger(__name__)
 MAX_WORST = 100   # worst coordinates listed per shard: keeps a CheckGradient answer well under 4 MiB
@@ -97,6 +97,15 @@ def _rows(batch: pb.Batch) -> np.ndarray | None:
     return np.fromiter(batch.rows, np.int64, len(batch.rows)) if len(batch.rows) else None
 
 
+# The methods that receive tensors read each request's chunk apart from the rest, its data
+# as a view of the received bytes (service.chunkwire); _read_stream takes them so.
+REQUEST_READERS = {
+    "SetParameters": chunk_reader(pb.SetParametersRequest, "chunk"),
+    "ComputeGradient": chunk_reader(pb.GradientRequest, "parameters"),
+    "UploadDataset": chunk_reader(pb.UploadDatasetRequest, "chunk"),
+}
+
+
 class GradShardServicer(pb_grpc.GradShardServicer):
     """Translates between protobuf and the numpy coordinator."""
 
@@ -130,29 +139,28 @@ class GradShardServicer(pb_grpc.GradShardServicer):
         job = self.coordinator.jobs.get(request.job_id)
         pieces = self.coordinator.param_pieces(request.job_id)
         if request.flat:
-            yield from encode_flat("flat", pieces)
+            yield from encode_pieces("flat", pieces)
         else:
-            yield from encode_all(job.spec.to_named(np.concatenate(pieces)))
+            yield from encode_tensors(job.spec.to_named(np.concatenate(pieces)))
 
     @_unary
     def SetParameters(self, request_iterator, context):
-        first, tensors = self._read_job_tensors(request_iterator, "chunk")
+        first, tensors = self._read_job_tensors(request_iterator)
         return job_to_pb(self.coordinator.set_params(first.job_id, tensors),
                          self.coordinator.shard_steps(first.job_id))
 
     @_streaming
     def ComputeGradient(self, request_iterator, context):
-        head, params = self._read_job_tensors(request_iterator, "parameters")
+        head, params = self._read_job_tensors(request_iterator)
         job = self.coordinator.jobs.get(head.job_id)
         result = self.coordinator.gradient(head.job_id, _rows(head.batch), params or None)
         yield pb.GradientResponse(summary=pb.GradientSummary(
             loss=result.loss, grad_norm=result.grad_norm, rows=result.rows, step=result.step,
             shard_seconds=result.shard_seconds))
         if head.flat:
-            yield from encode_flat("flat", result.pieces, in_gradient_response=True)
+            yield from encode_pieces("flat", result.pieces, field=GRADIENT_RESPONSE_CHUNK)
         else:
-            for chunk in encode_all(job.spec.to_named(result.grad)):
-                yield pb.GradientResponse(chunk=chunk)
+            yield from encode_tensors(job.spec.to_named(result.grad), field=GRADIENT_RESPONSE_CHUNK)
 
     @_streaming
     def Step(self, request, context):
@@ -224,7 +232,7 @@ class GradShardServicer(pb_grpc.GradShardServicer):
             declared[name] = int(np.prod(shape, dtype=object)) * dtype.itemsize
             store.check_room(sum(declared.values()))
 
-        first, tensors = self._read_stream(request_iterator, "chunk", check_first)
+        first, tensors = self._read_stream(request_iterator, check_first)
         missing = {"X", "y"} - set(tensors)
         if missing:
             raise ValueError(f"an upload needs X and y; missing {', '.join(sorted(missing))}")
@@ -239,25 +247,26 @@ class GradShardServicer(pb_grpc.GradShardServicer):
         self.coordinator.delete_dataset(request.dataset_id)
         return pb.DeleteDatasetResponse()
 
-    def _read_job_tensors(self, requests: Iterator, field: str):
+    def _read_job_tensors(self, requests: Iterator[WithChunk]):
         """A stream whose first message names the job; chunks are checked against its tensors."""
         def check_for(first) -> FirstChunkCheck:
             job = self.coordinator.jobs.get(first.job_id)
             shapes = {**job.spec.tensor_shapes(), "flat": (job.spec.n_params,)}
             return expect_shapes(shapes, np.dtype(job.config.dtype))
-        return self._read_stream(requests, field, check_for, per_job=True)
+        return self._read_stream(requests, check_for, per_job=True)
 
-    def _read_stream(self, requests: Iterator, field: str, check, per_job: bool = False):
-        """(first message, tensors) of a client stream whose messages may each carry one chunk."""
+    def _read_stream(self, requests: Iterator[WithChunk], check, per_job: bool = False):
+        """(first message, tensors) of a client stream whose messages may each carry one chunk
+        (read apart from the rest of the message: REQUEST_READERS)."""
         first, assembler = None, None
-        for r in requests:
+        for r, chunk, data in requests:
             if first is None:
                 first = r
                 assembler = TensorAssembler(check(r) if per_job else check)
             elif per_job and r.job_id and r.job_id != first.job_id:
                 raise ValueError(f"job_id {r.job_id!r} differs from the first message's {first.job_id!r}")
-            if r.HasField(field):
-                assembler.add(getattr(r, field))
+            if chunk is not None:
+                assembler.add(chunk, data)
         if first is None:
             raise ValueError("the request stream is empty; its first message names the job or the data set")
         return first, assembler.finish()

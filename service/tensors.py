@@ -68,10 +68,13 @@ class TensorAssembler:
         self._arrays: dict[str, np.ndarray] = {}
         self._received: dict[str, int] = {}
 
-    def add(self, chunk: pb.TensorChunk) -> None:
+    def add(self, chunk: pb.TensorChunk, data: bytes | memoryview | None = None) -> None:
+        """Add a chunk; `data` is its data when read apart (service.chunkwire), else chunk.data."""
         name = chunk.name
-        if len(chunk.data) > CHUNK_BYTES:
-            raise ValueError(f"tensor {name}: a chunk holds at most {CHUNK_BYTES} bytes, got {len(chunk.data)}")
+        if data is None:
+            data = chunk.data          # each read of the field is a new copy: read it once
+        if len(data) > CHUNK_BYTES:
+            raise ValueError(f"tensor {name}: a chunk holds at most {CHUNK_BYTES} bytes, got {len(data)}")
         dtype, shape = dtype_from_pb(chunk.dtype), tuple(chunk.shape)
         if name not in self._arrays:
             if any(n < 0 for n in shape):
@@ -87,10 +90,10 @@ class TensorAssembler:
         got = self._received[name]
         if chunk.offset != got:
             raise ValueError(f"tensor {name}: chunk at offset {chunk.offset}, expected {got} (send chunks in order)")
-        if got + len(chunk.data) > raw.size:
-            raise ValueError(f"tensor {name}: {got + len(chunk.data)} bytes is more than its {raw.size}")
-        raw[got: got + len(chunk.data)] = np.frombuffer(chunk.data, np.uint8)
-        self._received[name] = got + len(chunk.data)
+        if got + len(data) > raw.size:
+            raise ValueError(f"tensor {name}: {got + len(data)} bytes is more than its {raw.size}")
+        raw[got: got + len(data)] = np.frombuffer(data, np.uint8)
+        self._received[name] = got + len(data)
 
     def finish(self) -> dict[str, np.ndarray]:
         """The complete arrays (native byte order); ValueError if one is incomplete."""

@@ -9,8 +9,9 @@ from hypothesis import given, settings, strategies as st
 
 from gradshard.v1 import gradshard_pb2 as pb
 from gradshard.v1 import gradshard_pb2_grpc as pb_grpc
-from service.chunkwire import encode_flat, read_chunk, read_gradient_response
-from service.tensors import CHUNK_BYTES, decode_parts, decode_stream, encode
+from service.chunkwire import (GRADIENT_RESPONSE_CHUNK, WithChunk, chunk_reader, encode_pieces, encode_tensors,
+                               read_chunk, read_gradient_response)
+from service.tensors import CHUNK_BYTES, decode_parts, decode_stream, encode, encode_all
 
 
 def _same_chunk(head: pb.TensorChunk, data, expected: pb.TensorChunk) -> None:
@@ -35,24 +36,68 @@ def test_prepared_chunks_are_byte_for_byte_what_protobuf_writes(dtype, sizes, ch
     pieces = [rng.standard_normal(n).astype(dtype) for n in sizes]
     whole = np.concatenate(pieces)
     expected = list(encode("flat", whole, chunk_bytes=chunk_bytes))
-    prepared = list(encode_flat("flat", pieces, chunk_bytes=chunk_bytes))
+    prepared = list(encode_pieces("flat", pieces, chunk_bytes=chunk_bytes))
     assert prepared == [c.SerializeToString() for c in expected]
-    wrapped = list(encode_flat("flat", pieces, in_gradient_response=True, chunk_bytes=chunk_bytes))
+    wrapped = list(encode_pieces("flat", pieces, field=GRADIENT_RESPONSE_CHUNK, chunk_bytes=chunk_bytes))
     assert wrapped == [pb.GradientResponse(chunk=c).SerializeToString() for c in expected]
     # and read back without protobuf copying the data
     np.testing.assert_array_equal(decode_parts(read_chunk(raw) for raw in prepared)["flat"], whole)
     np.testing.assert_array_equal(decode_parts(read_gradient_response(raw) for raw in wrapped)["flat"], whole)
 
 
+def test_named_tensors_in_request_messages_are_protobufs_own_bytes():
+    tensors = {"W1": np.arange(12.0).reshape(3, 4).T, "b1": np.array([1.5, -2.0]), "e": np.zeros((0, 3)),
+               "big": np.random.default_rng(0).standard_normal(300_000)}          # 3 chunks
+    expected = list(encode_all(tensors))
+    for message, field in [(pb.SetParametersRequest, "chunk"), (pb.GradientRequest, "parameters"),
+                           (pb.UploadDatasetRequest, "chunk")]:
+        number = message.DESCRIPTOR.fields_by_name[field].number
+        prepared = list(encode_tensors(tensors, field=number))
+        assert prepared == [message(**{field: c}).SerializeToString() for c in expected]
+        read = chunk_reader(message, field)
+        parts = [read(raw) for raw in prepared]
+        assert all(p.message == message() for p in parts)
+        out = decode_parts((p.chunk, p.data) for p in parts)
+        for name, a in tensors.items():
+            np.testing.assert_array_equal(out[name], a)
+
+
+@settings(max_examples=200, deadline=None)
+@given(chunk=st.none() | st.builds(pb.TensorChunk, name=st.text(max_size=5), offset=st.integers(0, 99),
+                                   data=st.binary(max_size=50)),
+       job_id=st.text(max_size=5), rows=st.lists(st.integers(0, 99), max_size=3), flat=st.booleans(),
+       seed=st.integers(0, 2 ** 32), twice=st.booleans())
+def test_any_encoding_of_a_request_reads_as_protobuf_reads_it(chunk, job_id, rows, flat, seed, twice):
+    """A GradientRequest's fields in any order, the parameters chunk absent, present or given twice (merged)."""
+    parts = [pb.GradientRequest(job_id=job_id).SerializeToString(),
+             pb.GradientRequest(batch=pb.Batch(rows=rows)).SerializeToString(),
+             pb.GradientRequest(flat=flat).SerializeToString()]
+    if chunk is not None:
+        parts.append(pb.GradientRequest(parameters=chunk).SerializeToString())
+        if twice:
+            parts.append(pb.GradientRequest(parameters=pb.TensorChunk(dtype=pb.FLOAT64)).SerializeToString())
+    random.Random(seed).shuffle(parts)
+    raw = b"".join(parts)
+    expected = pb.GradientRequest.FromString(raw)
+    got = chunk_reader(pb.GradientRequest, "parameters")(raw)
+    assert isinstance(got, WithChunk)
+    if expected.HasField("parameters"):
+        _same_chunk(got.chunk, got.data, expected.parameters)
+        expected.ClearField("parameters")
+    else:
+        assert got.chunk is None and len(got.data) == 0
+    assert got.message == expected and not got.message.HasField("parameters")
+
+
 def test_big_endian_pieces_go_out_little_endian():
     pieces = [np.arange(3, dtype=">f8"), np.arange(3, 5, dtype=">f8")]
-    (raw,) = encode_flat("flat", pieces)
+    (raw,) = encode_pieces("flat", pieces)
     assert pb.TensorChunk.FromString(raw).data == np.arange(5, dtype="<f8").tobytes()
 
 
 def test_pieces_of_different_dtypes_are_refused():
     with pytest.raises(ValueError, match="one dtype"):
-        list(encode_flat("flat", [np.zeros(2, np.float32), np.zeros(2, np.float64)]))
+        list(encode_pieces("flat", [np.zeros(2, np.float32), np.zeros(2, np.float64)]))
 
 
 def _fields(chunk: pb.TensorChunk) -> list[bytes]:
@@ -107,7 +152,7 @@ def test_garbage_is_refused_as_protobuf_refuses_it(raw):
 
 
 def test_a_truncated_chunk_is_a_decode_error():
-    raw = next(encode_flat("flat", [np.arange(100.0)]))
+    raw = next(encode_pieces("flat", [np.arange(100.0)]))
     with pytest.raises(DecodeError):
         read_chunk(raw[:-1])
 
