@@ -7,7 +7,6 @@ thousands of Ray actor start-ups would not fit in the test budget. Small limits 
 job the fuzzer manages to create tiny.
 """
 import grpc
-import numpy as np
 import pytest
 from google.protobuf.descriptor import FieldDescriptor as F
 from hypothesis import HealthCheck, given, settings
@@ -158,5 +157,5 @@ def assert_alive(client, coordinator, good):
     """The server answers and the job made before the fuzz is still there and usable."""
     job = client.get_job(good)
     assert job.job_id == good and not job.error
-    assert np.isfinite(client.evaluate(good).loss) or True   # a fuzzed SetParameters may set huge values
+    client.evaluate(good)      # answers OK; its loss may be inf, since a fuzzed SetParameters may set huge values
     assert good in [j.job_id for j in client.list_jobs()]
