@@ -53,7 +53,7 @@ def serve_bare() -> None:
     from service.chunkwire import encode_pieces, register
     from workers.memory import keep_freed_memory
 
-    keep_freed_memory()                 # as the coordinator does
+    keep_freed_memory()                 # as the server's `serve` does
     flat = np.random.default_rng(0).random(1_000_000).astype(np.float32)
 
     class Bare(pb_grpc.GradShardServicer):
@@ -74,9 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target")
     p.add_argument("--job")
     p.add_argument("--tiny-job")
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=10, help="fetches to time (at least 1)")
     p.add_argument("--serve-bare", action="store_true")
     a = p.parse_args(argv)
+    if a.repeats < 1:
+        p.error("--repeats must be at least 1")
     if a.serve_bare:
         serve_bare()
     else:

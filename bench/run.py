@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     from service.runtime import start_ray
     from service.config import Settings
     from service.server import create_server, set_serving
+    from workers.memory import keep_freed_memory
 
+    keep_freed_memory()                # as the server's `serve` does (workers/memory.py)
     start_ray(Settings())
     coordinator = w.COORDINATOR = Coordinator()
     server, port, health = create_server(coordinator, "127.0.0.1:0")

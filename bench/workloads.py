@@ -126,8 +126,9 @@ def gradient_fetch(client: Client, target: str, repeats: int = 30) -> Row:
     backward round trips to the shards).
     """
     job = client.create_job("softmax", features=100_000, outputs=10, rows=32, shards=2, batch_size=0)
-    tiny = client.create_job("softmax", features=10, outputs=3, rows=32, shards=2, batch_size=0)
+    tiny = None
     try:
+        tiny = client.create_job("softmax", features=10, outputs=3, rows=32, shards=2, batch_size=0)
         out = json.loads(subprocess.run([sys.executable, "-m", "bench.fetch", "--target", target, "--job", job.job_id,
                                          "--tiny-job", tiny.job_id, "--repeats", str(repeats)],
                                         check=True, capture_output=True, text=True, timeout=600).stdout)
@@ -141,8 +142,9 @@ def gradient_fetch(client: Client, target: str, repeats: int = 30) -> Row:
                     f"ms; GetParameters {rate['params']:.2f} GB/s")
         return row
     finally:
-        client.delete_job(job.job_id)
-        client.delete_job(tiny.job_id)
+        for j in (job, tiny):
+            if j is not None:
+                client.delete_job(j.job_id)
 
 
 def transport_only(repeats: int = 20) -> Row:

@@ -30,7 +30,9 @@ def connect(server: str | None, shards_cpus: int = 0, a: argparse.Namespace | No
     from service.coordinator import Coordinator
     from service.runtime import start_ray
     from service.server import create_server, set_serving
+    from workers.memory import keep_freed_memory
 
+    keep_freed_memory()                # as `serve` does (workers/memory.py)
     coordinator = Coordinator()
     grpc_server, port, health = create_server(coordinator, "127.0.0.1:0")
     try:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grpc
 import numpy as np
@@ -35,10 +35,21 @@ def schedule(kind: str = "constant", **fields) -> pb.Schedule:
     return pb.Schedule(kind=SCHEDULE_NAMES[kind], **fields)
 
 
+def _read_all(call, read: Callable[[bytes], object]) -> Iterator:
+    """Each raw message of a streaming call, read; the call is cancelled if reading fails or
+    the caller stops early (a server's malformed message must not leave the call open)."""
+    try:
+        for raw in call:
+            yield read(raw)
+    except BaseException:
+        call.cancel()
+        raise
+
+
 def _chunks_only(responses: Iterator) -> Iterator:
     for r in responses:
         if isinstance(r, pb.GradientSummary):
-            raise ValueError("the server's gradient stream holds a second summary")
+            raise ValueError("the server's gradient stream holds a message that is not a chunk after its summary")
         yield r
 
 
@@ -139,8 +150,8 @@ class Client:
 
     # --- parameters and gradients -------------------------------------------------
     def get_params(self, job_id: str, flat: bool = False) -> dict[str, np.ndarray]:
-        responses = self._get_parameters(pb.GetParametersRequest(job_id=job_id, flat=flat), timeout=self.timeout)
-        return decode_parts(read_chunk(raw) for raw in responses)
+        call = self._get_parameters(pb.GetParametersRequest(job_id=job_id, flat=flat), timeout=self.timeout)
+        return decode_parts(_read_all(call, read_chunk))
 
     def set_params(self, job_id: str, tensors: dict[str, np.ndarray]) -> pb.Job:
         def requests():
@@ -156,13 +167,18 @@ class Client:
 
     def gradient_stream(self, job_id: str, rows=None, params: dict[str, np.ndarray] | None = None,
                         flat: bool = False) -> tuple[pb.GradientSummary, Iterator[tuple[pb.TensorChunk, memoryview]]]:
-        """gradient() as it arrives: the summary, then each chunk as (its fields but data, its data)."""
+        """gradient() as it arrives: the summary, then each chunk as (its fields but data, its data).
+
+        The call stays open until the chunks are read to the end (or the iterator is closed,
+        which cancels it); a chunk's data is a view of the message received.
+        """
         def requests():
             yield pb.GradientRequest(job_id=job_id, batch=_batch(rows), flat=flat)
             yield from encode_tensors(params or {}, field=GRADIENT_REQUEST_PARAMETERS)
-        responses = (read_gradient_response(raw) for raw in self._compute_gradient(requests(), timeout=self.timeout))
+        responses = _read_all(self._compute_gradient(requests(), timeout=self.timeout), read_gradient_response)
         summary = next(responses)
         if not isinstance(summary, pb.GradientSummary):
+            responses.close()
             raise ValueError("the server's gradient stream did not start with its summary")
         return summary, _chunks_only(responses)
 

@@ -29,7 +29,6 @@ from service.recovery import recover, recovering_step, take_checkpoint
 from service.step import StepReport, check_rows, forward, sum_partials
 from workers.data import batches_per_epoch, prepare_labels, synthetic_labels
 from workers.losses import accuracy, loss_and_dZ
-from workers.memory import keep_freed_memory
 from workers.shard import DataSpec
 
 log = logging.getLogger(__name__)
@@ -77,7 +76,6 @@ class Coordinator:
                  datasets: DatasetStore | None = None, limits: Limits = Limits(),
                  placement_timeout_s: float = 30.0, metrics: Metrics | None = None,
                  state: StateStore | None = None) -> None:
-        keep_freed_memory()          # this process reuses each fetch's pages (workers.memory)
         self.jobs = JobRegistry()
         self.state = state
         self.ready = True            # serve() holds calls off (UNAVAILABLE) while it resumes jobs

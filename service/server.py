@@ -23,6 +23,7 @@ from service.metrics import Metrics
 from service.runtime import start_ray
 from service.servicer import REQUEST_READERS, GradShardServicer
 from service.state import StateStore
+from workers.memory import keep_freed_memory
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 4 << 20
@@ -75,6 +76,7 @@ def serve(settings: Settings, ready: threading.Event | None = None) -> None:
     limits = Limits(max_shards=settings.max_shards, max_job_bytes=settings.max_job_bytes, max_jobs=settings.max_jobs,
                     max_params=settings.max_params)
     metrics = Metrics()
+    keep_freed_memory()                      # each call reuses the last one's pages (workers/memory.py)
     coordinator = Coordinator(call_timeout_s=settings.call_timeout_s, datasets=datasets, limits=limits,
                               metrics=metrics, state=state)
     server, port, health_servicer = create_server(coordinator, settings.address, settings.workers, credentials,

@@ -21,7 +21,8 @@ from service import errors
 from service.coordinator import Coordinator
 from service.convert import (config_from_pb, dataset_to_pb, evaluation_to_pb, job_to_pb, report_to_pb,
                              split_from_pb, train_event_to_pb)
-from service.chunkwire import GRADIENT_RESPONSE_CHUNK, WithChunk, chunk_reader, encode_pieces, encode_tensors
+from service.chunkwire import (GRADIENT_RESPONSE_CHUNK, Malformed, WithChunk, chunk_reader, encode_pieces,
+                               encode_tensors)
 from service.tensors import FirstChunkCheck, TensorAssembler, expect_shapes
 
 log = logging.getLogger(__name__)
@@ -77,11 +78,18 @@ def _served(servicer, method: str, context: grpc.ServicerContext) -> Iterator[No
             servicer.metrics.rpc_seconds.labels(method).observe(time.perf_counter() - t0)
 
 
+def _well_formed(request):
+    """The request, unless it is bytes protobuf refused (a client's fault: INVALID_ARGUMENT)."""
+    if isinstance(request, Malformed):
+        raise ValueError(request.reason)
+    return request
+
+
 def _unary(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapper(self, request, context):
         with _served(self, method.__name__, context):
-            return method(self, request, context)
+            return method(self, _well_formed(request), context)
     return wrapper
 
 
@@ -89,7 +97,7 @@ def _streaming(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapper(self, request, context):
         with _served(self, method.__name__, context):
-            yield from method(self, request, context)
+            yield from method(self, _well_formed(request), context)
     return wrapper
 
 
@@ -259,7 +267,8 @@ class GradShardServicer(pb_grpc.GradShardServicer):
         """(first message, tensors) of a client stream whose messages may each carry one chunk
         (read apart from the rest of the message: REQUEST_READERS)."""
         first, assembler = None, None
-        for r, chunk, data in requests:
+        for request in requests:
+            r, chunk, data = _well_formed(request)
             if first is None:
                 first = r
                 assembler = TensorAssembler(check(r) if per_job else check)

@@ -98,6 +98,8 @@ def test_big_endian_pieces_go_out_little_endian():
 def test_pieces_of_different_dtypes_are_refused():
     with pytest.raises(ValueError, match="one dtype"):
         list(encode_pieces("flat", [np.zeros(2, np.float32), np.zeros(2, np.float64)]))
+    with pytest.raises(ValueError, match="one dtype"):
+        list(encode_pieces("flat", [np.zeros(2, np.float32), np.zeros(2, np.int64)]))
 
 
 def _fields(chunk: pb.TensorChunk) -> list[bytes]:
@@ -151,6 +153,42 @@ def test_garbage_is_refused_as_protobuf_refuses_it(raw):
     _same_chunk(head, data, expected)
 
 
+@pytest.mark.parametrize("raw", [
+    b"\x0a\x01a\xaa\x80\x80\x80\x80\x00\x02hi",     # the data key padded to six bytes
+    b"\x0a\x01a\xaa\x00\x02hi",                     # ... to two bytes
+    b"\x0a\x01a\x2a\x82\x80\x80\x80\x80\x00hi",     # the data length padded to six bytes
+    b"\x0a\x01a\x2a\x82\x00hi",                     # ... to two bytes
+    b"\x0a\x01a\x2a\x80\x80\x80\x80\x10",           # a length of 2^32
+    b"\x0a\x01a\x2a\x02hi\xf8\xff\xff\xff\x0f\x00",   # the largest field number, then a varint
+])
+def test_unusual_keys_and_lengths_read_as_protobuf_reads_them(raw):
+    try:
+        expected = pb.TensorChunk.FromString(raw)
+    except DecodeError:
+        with pytest.raises(DecodeError):
+            read_chunk(raw)
+        with pytest.raises(DecodeError):
+            chunk_reader(pb.SetParametersRequest, "chunk")(pb.SetParametersRequest(job_id="j").SerializeToString()
+                                                           + b"\x12" + bytes([len(raw)]) + raw)
+        return
+    head, data = read_chunk(raw)
+    _same_chunk(head, data, expected)
+
+
+def test_pieces_are_checked():
+    (raw,) = encode_pieces("flat", [np.arange(2, dtype="<f8"), np.arange(2, 4, dtype=">f8")])   # both FLOAT64
+    assert pb.TensorChunk.FromString(raw).data == np.arange(4, dtype="<f8").tobytes()
+    with pytest.raises(ValueError, match="at least one piece"):
+        list(encode_pieces("flat", []))
+    with pytest.raises(ValueError, match="does not hold"):
+        list(encode_pieces("W", [np.zeros(6)], shape=(2, 2)))
+
+
+def test_a_oneof_field_is_not_read_apart():
+    with pytest.raises(ValueError, match="oneof"):
+        chunk_reader(pb.GradientResponse, "chunk")
+
+
 def test_a_truncated_chunk_is_a_decode_error():
     raw = next(encode_pieces("flat", [np.arange(100.0)]))
     with pytest.raises(DecodeError):
@@ -196,3 +234,21 @@ def test_stock_protobuf_stubs_read_the_prepared_streams(client, server):
     np.testing.assert_array_equal(grads["flat"], server[1].gradient(job.job_id).grad)
     grads["flat"][0] = 1.0                                          # writable
     client.delete_job(job.job_id)
+
+
+@pytest.mark.parametrize("method,kind", [("GetJob", "unary_unary"), ("GetParameters", "unary_stream"),
+                                         ("SetParameters", "stream_unary"), ("ComputeGradient", "stream_stream"),
+                                         ("UploadDataset", "stream_unary")])
+def test_a_request_protobuf_cannot_parse_is_invalid_argument(server, method, kind):
+    """Bytes that are no message: the client's fault, said as such (gRPC alone would answer INTERNAL)."""
+    channel = grpc.insecure_channel(server[0])
+    call = getattr(channel, kind)(f"/gradshard.v1.GradShard/{method}")     # raw bytes in and out
+    garbage = b"\x0a\x05ab"                                               # a string field cut short
+    request = garbage if kind.startswith("unary") else iter([garbage])
+    with pytest.raises(grpc.RpcError) as e:
+        result = call(request, timeout=30)
+        if kind.endswith("stream"):
+            list(result)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "the request is not a valid" in e.value.details() and "Request" in e.value.details()
+    channel.close()

@@ -1,6 +1,7 @@
 """workers.memory: a process that keeps freed memory reuses its pages instead of faulting new ones."""
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -36,7 +37,7 @@ def _faults(mode: str, env: dict) -> dict:
     return json.loads(out.stdout)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc and its page-fault counter")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc thresholds")
 def test_kept_memory_is_reused_without_page_faults():
     env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
                                                              "GLIBC_TUNABLES")}
@@ -48,7 +49,9 @@ def test_kept_memory_is_reused_without_page_faults():
 
 
 def test_an_operators_malloc_settings_win(monkeypatch):
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")      # another setting: ours still apply
+    assert not operator_settings()
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2:glibc.malloc.trim_threshold=0")
     assert operator_settings() and keep_freed_memory() is False
     monkeypatch.delenv("GLIBC_TUNABLES")
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")

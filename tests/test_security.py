@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -55,13 +56,20 @@ def test_tls_with_the_right_token_works(tls_server, pki):
         job = client.create_job("linear", rows=10, features=3)
         assert client.get_job(job.job_id).n_params == 4
         assert [r.step for r in client.step(job.job_id, 2)] == [1, 2]    # streams carry the token too
+        # and so do the calls that move tensors as raw messages (service/chunkwire.py)
+        theta = client.get_params(job.job_id, flat=True)["flat"]
+        assert client.set_params(job.job_id, {"flat": theta + 1}).step == 2
+        np.testing.assert_array_equal(client.get_params(job.job_id, flat=True)["flat"], theta + 1)
+        summary, grads = client.gradient(job.job_id, params={"flat": theta}, flat=True)
+        assert summary.rows == 10 and grads["flat"].shape == (4,)
         client.delete_job(job.job_id)
 
 
 @pytest.mark.parametrize("token,why", [("", "missing bearer token"), ("guess", "wrong bearer token")])
 def test_a_missing_or_wrong_token_is_unauthenticated(tls_server, pki, token, why):
     with Client(tls_server, timeout=30, token=token, tls_ca=str(pki / "ca.pem")) as client:
-        for call in (client.list_jobs, lambda: list(client.step("job-x", 1)), lambda: client.set_params("j", {})):
+        for call in (client.list_jobs, lambda: list(client.step("job-x", 1)), lambda: client.set_params("j", {}),
+                     lambda: client.get_params("j"), lambda: client.gradient("j")):
             with pytest.raises(grpc.RpcError) as e:
                 call()
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and why in e.value.details()

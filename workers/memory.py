@@ -5,15 +5,19 @@ sends, the arrays the coordinator reads them into, the 1 MiB messages of a gradi
 stream. glibc's malloc serves blocks above its mmap threshold (128 KiB at first, adjusted
 upwards as blocks are freed) with fresh mappings and gives the top of its heaps back to
 the kernel once more than twice that is free. So each step touched new pages, and a page
-fault costs more in a virtual machine than copying the page: the coordinator's 4 MB gradient
-fetch spent about a third of its time faulting (W4 in bench/RESULTS.md: 11.3 -> 7.1 ms).
+fault costs more in a virtual machine than copying the page: a 4 MB gradient call spent
+about a third of its time faulting (bench/RESULTS.md: 11.3 -> 6.6 ms, compute excluded).
 
 With a fixed mmap threshold of 16 MiB and a trim threshold of 64 MiB, blocks of a
-million-parameter model's size are reused from the heap. The price: a process keeps up to
-its recent peak of such blocks resident after it frees them (blocks of 16 MiB and more are
-still mapped and unmapped each time). An operator's own settings win: nothing changes if
-MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ or GLIBC_TUNABLES' malloc entries are set,
-and other C libraries are left alone.
+million-parameter model's size are reused from the heap. The price: freed blocks stay
+resident, up to the recent peak of each malloc arena (glibc gives threads arenas of their
+own, so a process with many busy threads may keep several such peaks); blocks of 16 MiB
+and more are still mapped and unmapped each time. An operator's own settings win: nothing
+changes if MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ is set, or GLIBC_TUNABLES sets
+glibc.malloc.mmap_threshold or glibc.malloc.trim_threshold; other C libraries are left alone.
+
+This changes the whole process for good, so it is called where a process starts: the
+server's `serve`, the CLI's embedded coordinator, the benchmarks, and each shard actor.
 """
 from __future__ import annotations
 
@@ -27,8 +31,9 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3        # <malloc.h>
 
 def operator_settings() -> bool:
     """Whether the environment already tunes glibc's malloc thresholds."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
     return ("MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ
-            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""))
+            or "glibc.malloc.mmap_threshold" in tunables or "glibc.malloc.trim_threshold" in tunables)
 
 
 def keep_freed_memory() -> bool:
