@@ -36,7 +36,7 @@ class Settings:
     tls_client_ca: str = _f("", "CA (PEM) whose client certificates are required; \"\" = no client certificates")
     token: str = _f("", "bearer token every call must carry (health checks exempt); \"\" = none")
     insecure: bool = _f(False, "allow plaintext beyond loopback (something else protects the network)")
-    max_job_bytes: int = _f(16 << 30, "a job's data + parameters + optimizer state in its shards")
+    max_job_bytes: int = _f(16 << 30, "a job's data + a step's batch + parameters + optimizer state in its shards")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

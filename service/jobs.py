@@ -64,12 +64,15 @@ class Limits:
 
 
 def job_bytes(spec: ModelSpec, config: JobConfig, rows: int) -> int:
-    """Bytes the shards will hold: inputs (the MLP's shards each hold all of X), parameters,
-    gradient and optimizer state."""
+    """Bytes the shards will hold: inputs (the MLP's shards each hold all of X), the batch
+    a step gathers from them (unless it reads every row), parameters, gradient and
+    optimizer state."""
     itemsize = np.dtype(config.dtype).itemsize
     copies_of_X = config.shards if spec.is_mlp else 1
+    gathers = config.batch_size > 0 or config.holdout_fraction > 0
+    batch_rows = min(config.batch_size or rows, rows) if gathers else 0
     states = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}[config.optimizer.kind]
-    return itemsize * (rows * spec.n_features * copies_of_X + spec.n_params * (2 + states))
+    return itemsize * ((rows + batch_rows) * spec.n_features * copies_of_X + spec.n_params * (2 + states))
 
 
 def check_limits(spec: ModelSpec, config: JobConfig, rows: int, limits: Limits) -> None:
@@ -83,8 +86,8 @@ def check_limits(spec: ModelSpec, config: JobConfig, rows: int, limits: Limits) 
                                 f"server flag --max-shards)")
     need = job_bytes(spec, config, rows)
     if need > limits.max_job_bytes:
-        raise ResourceExhausted(f"the job needs about {need:,} bytes in its shards (data, parameters, optimizer "
-                                f"state); the limit is {limits.max_job_bytes:,} (server flag --max-job-bytes)")
+        raise ResourceExhausted(f"the job needs about {need:,} bytes in its shards (data, a step's batch, "
+                                f"parameters, optimizer state); the limit is {limits.max_job_bytes:,} (server flag --max-job-bytes)")
 
 
 def resolve(config: JobConfig, limits: Limits = Limits()) -> tuple[ModelSpec, np.ndarray | None]:
