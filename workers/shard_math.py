@@ -147,13 +147,13 @@ class MLPShardMath:
         A, Hh = cache
         W1t, _, W2, _ = self.split(theta)
         gW1t, gb1, gW2, gb2 = self.split(out)
-        gW2[...] = Hh.T @ dZ                               # (h, K)
+        np.matmul(Hh.T, dZ, out=gW2)                       # (h, K), straight into the slice's layout
         dA = dZ @ W2.T                                     # (B, h)
         if self.tanh:
             dA *= 1.0 - Hh * Hh
         else:
             dA *= A > 0
-        gW1t[...] = dA.T @ X                               # (h, D)
+        np.matmul(dA.T, X, out=gW1t)                       # (h, D), no (h, D) temporary to copy
         gb1[...] = dA.sum(axis=0)
         if gb2.size:
             dZ.sum(axis=0, out=gb2)
