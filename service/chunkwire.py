@@ -26,7 +26,6 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 
 import grpc
 import numpy as np
-from google.protobuf.message import DecodeError
 
 from gradshard.v1 import gradshard_pb2 as pb
 from service.tensors import CHUNK_BYTES, dtype_to_pb
@@ -133,7 +132,7 @@ def tolerant(deserializer: Callable[[bytes], object], type_name: str) -> Callabl
     def read(raw: bytes) -> object:
         try:
             return deserializer(raw)
-        except DecodeError as exc:
+        except Exception as exc:         # noqa: BLE001 - DecodeError, or UnicodeDecodeError from pure-Python protobuf
             return Malformed(f"the request is not a valid {type_name}: {exc}")
     return read
 

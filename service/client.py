@@ -1,6 +1,7 @@
 """A Python client for the gradshard service: numpy arrays in and out of every RPC."""
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -47,10 +48,13 @@ def _read_all(call, read: Callable[[bytes], object]) -> Iterator:
 
 
 def _chunks_only(responses: Iterator) -> Iterator:
-    for r in responses:
-        if isinstance(r, pb.GradientSummary):
-            raise ValueError("the server's gradient stream holds a message that is not a chunk after its summary")
-        yield r
+    try:
+        for r in responses:
+            if isinstance(r, pb.GradientSummary):
+                raise ValueError("the server's gradient stream holds a message that is not a chunk after its summary")
+            yield r
+    finally:
+        responses.close()            # cancels the call unless it ended
 
 
 def _batch(rows) -> pb.Batch:
@@ -151,7 +155,8 @@ class Client:
     # --- parameters and gradients -------------------------------------------------
     def get_params(self, job_id: str, flat: bool = False) -> dict[str, np.ndarray]:
         call = self._get_parameters(pb.GetParametersRequest(job_id=job_id, flat=flat), timeout=self.timeout)
-        return decode_parts(_read_all(call, read_chunk))
+        with contextlib.closing(_read_all(call, read_chunk)) as chunks:    # cancels the call if decoding fails
+            return decode_parts(chunks)
 
     def set_params(self, job_id: str, tensors: dict[str, np.ndarray]) -> pb.Job:
         def requests():
@@ -163,7 +168,8 @@ class Client:
                  flat: bool = False) -> tuple[pb.GradientSummary, dict[str, np.ndarray]]:
         """(summary with the loss, gradient tensors) at the job's parameters or at `params`."""
         summary, chunks = self.gradient_stream(job_id, rows, params, flat)
-        return summary, decode_parts(chunks)
+        with contextlib.closing(chunks):                                    # cancels the call if decoding fails
+            return summary, decode_parts(chunks)
 
     def gradient_stream(self, job_id: str, rows=None, params: dict[str, np.ndarray] | None = None,
                         flat: bool = False) -> tuple[pb.GradientSummary, Iterator[tuple[pb.TensorChunk, memoryview]]]:

@@ -60,7 +60,7 @@ class Limits:
     max_shards: int = 64                # shards per job (each is a process)
     max_jobs: int = 64                  # jobs a coordinator holds at once
     max_params: int = 100_000_000       # parameters of one job
-    max_job_bytes: int = 16 << 30       # data + parameters + optimizer state, over all shards
+    max_job_bytes: int = 16 << 30       # data + a step's batch + parameters + optimizer state, over all shards
 
 
 def job_bytes(spec: ModelSpec, config: JobConfig, rows: int) -> int:
@@ -69,7 +69,7 @@ def job_bytes(spec: ModelSpec, config: JobConfig, rows: int) -> int:
     optimizer state."""
     itemsize = np.dtype(config.dtype).itemsize
     copies_of_X = config.shards if spec.is_mlp else 1
-    gathers = config.batch_size > 0 or config.holdout_fraction > 0
+    gathers = config.holdout_fraction > 0 or 0 < config.batch_size < rows
     batch_rows = min(config.batch_size or rows, rows) if gathers else 0
     states = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}[config.optimizer.kind]
     return itemsize * ((rows + batch_rows) * spec.n_features * copies_of_X + spec.n_params * (2 + states))

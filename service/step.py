@@ -82,10 +82,11 @@ def check_rows(job: Job, rows: np.ndarray | None) -> np.ndarray | None:
 
 
 def forward(job: Job, rows: np.ndarray | None, theta: np.ndarray | None = None, float64: bool = False,
-            keep: bool = True) -> Forward:
+            keep: bool = True, step_batch: bool = False) -> Forward:
     """Partial outputs of every shard on `rows` (None: all), summed; at `theta` if given.
 
-    keep=False tells the shards not to keep what a backward would need (evaluation).
+    keep=False tells the shards not to keep what a backward would need (evaluation);
+    step_batch that `rows` is a training step's batch (the shards gather it into kept memory).
     """
     job.shard_epoch += 1          # whatever the shards kept from an earlier forward is gone
     token = next(_calls)
@@ -94,7 +95,7 @@ def forward(job: Job, rows: np.ndarray | None, theta: np.ndarray | None = None, 
     if theta is not None:
         each = [{"theta": theta[s.begin:s.end]} for s in job.plan.param_slices()]
     out = group.call("forward", token, None if rows is None else group.put(rows), float64=float64, keep=keep,
-                     each=each)
+                     step_batch=step_batch, each=each)
     return _gathered(job, token, rows, out, extra_sent=0 if theta is None else theta.nbytes)
 
 
@@ -128,7 +129,7 @@ def sgd_step(job: Job, base_lr: float = 0.0, prefetch_next: bool = False) -> Ste
     if ready is not None and ready.step == t and ready.shard_epoch == job.shard_epoch:
         fwd = ready.forward
     else:
-        fwd = forward(job, rows)
+        fwd = forward(job, rows, step_batch=True)
     loss, dZ = loss_and_dZ(job.spec.loss, fwd.Z, fwd.y)
     if not (math.isfinite(loss) and np.all(np.isfinite(dZ))):
         raise FailedPrecondition(f"the loss is {loss} at step {t + 1} (learning rate {lr:g}); nothing was applied. "

@@ -252,3 +252,43 @@ def test_a_request_protobuf_cannot_parse_is_invalid_argument(server, method, kin
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "the request is not a valid" in e.value.details() and "Request" in e.value.details()
     channel.close()
+
+
+def test_a_stream_the_client_cannot_decode_is_cancelled():
+    """A server's chunk out of order: the client raises at once and cancels the call (the server sees it end)."""
+    import threading
+    from concurrent import futures
+
+    from service.chunkwire import register
+    from service.client import Client
+
+    ended = {name: threading.Event() for name in ("GetParameters", "ComputeGradient")}
+
+    class Broken(pb_grpc.GradShardServicer):
+        def _broken(self, name, context, wrap):
+            context.add_callback(ended[name].set)
+            chunk = pb.TensorChunk(name="flat", dtype=pb.FLOAT64, shape=[4], offset=8, data=b"\0" * 8)
+            yield wrap(chunk)
+            ended[name].wait(30)                 # more would follow; only a cancel ends this call early
+
+        def GetParameters(self, request, context):
+            yield from self._broken("GetParameters", context, lambda c: c)
+
+        def ComputeGradient(self, request_iterator, context):
+            next(request_iterator)
+            yield pb.GradientResponse(summary=pb.GradientSummary(loss=1.0))
+            yield from self._broken("ComputeGradient", context, lambda c: pb.GradientResponse(chunk=c))
+
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    register(pb_grpc.add_GradShardServicer_to_server, Broken(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+            for name, call in (("GetParameters", lambda: client.get_params("j", flat=True)),
+                               ("ComputeGradient", lambda: client.gradient("j", flat=True))):
+                with pytest.raises(ValueError, match="does not follow"):
+                    call()
+                assert ended[name].wait(5), f"{name} was not cancelled"
+    finally:
+        server.stop(0)

@@ -73,16 +73,19 @@ class Shard:
 
     # --- one synchronized step ------------------------------------------------------
     def forward(self, token: int, rows: np.ndarray | None = None, theta: np.ndarray | None = None,
-                float64: bool = False, keep: bool = True) -> tuple[np.ndarray, float, float]:
+                float64: bool = False, keep: bool = True, step_batch: bool = False
+                ) -> tuple[np.ndarray, float, float]:
         """Partial output Z_s (B, K) on the batch, the slice's L2 penalty, and seconds.
 
-        Remembers what backward needs under `token`, unless keep is False.
+        Remembers what backward needs under `token`, unless keep is False. step_batch: the
+        rows are a training step's batch, gathered into memory kept for the next step's
+        (other calls, such as a client's gradient on all rows, gather afresh).
         """
         t0 = time.perf_counter()
         X = self._X_float64() if float64 else self.X
         if rows is None:
             Xb = X
-        elif keep and X is self.X:
+        elif step_batch and keep and X is self.X:
             self._pending = None           # its rows may be in the buffer about to be overwritten
             Xb = self._gather_into_buffer(rows)
         else:
@@ -193,7 +196,7 @@ class Shard:
 
     def _prefetch(self, next_token: int | None, next_rows: np.ndarray | None) -> tuple | None:
         """The next step's forward at the parameters just updated (what forward() would return)."""
-        return None if next_token is None else self.forward(next_token, next_rows)
+        return None if next_token is None else self.forward(next_token, next_rows, step_batch=True)
 
     def check(self, token: int, Z: np.ndarray, dZ: np.ndarray, y: np.ndarray, indices: np.ndarray,
               h: float) -> tuple[np.ndarray, np.ndarray, float]:
@@ -252,11 +255,15 @@ class Shard:
 
         A minibatch of a wide model is large (256 rows of 100,000 float32 columns: 100 MB),
         and a fresh one each step faults its pages in again: np.take into a kept buffer
-        gathered such a batch in 7 ms against 14 ms for X[rows] (bench/RESULTS.md). Only
-        kept forwards use it: the next kept forward replaces the pending one anyway, and an
-        evaluation between steps gathers its own rows.
+        gathered such a batch in 7 ms against 14 ms for X[rows] (bench/RESULTS.md). Only a
+        step's kept forward uses it: the next one replaces the pending forward anyway, and
+        evaluations and client calls between steps gather their own rows, so the buffer
+        stays the size of the step's batch.
         """
-        X = self.X
+        X, rows = self.X, np.asarray(rows)
+        if rows.dtype.kind not in "iu" or rows.ndim != 1:
+            raise TypeError(f"shard {self.index}: rows must be a 1-D array of integers, got {rows.dtype} "
+                            f"{rows.shape}")
         if len(rows) and (rows.min() < 0 or rows.max() >= len(X)):
             raise IndexError(f"shard {self.index}: rows must be in [0, {len(X)})")
         if self._batch is None or len(self._batch) < len(rows) or self._batch.dtype != X.dtype:
