@@ -128,14 +128,24 @@ class Coordinator:
                  extra={"job_id": job.job_id})
         return job
 
-    def shard_steps(self, job_id: str) -> list[int]:
-        """Each shard's own count of applied optimizer steps; -1 each when the job is unusable."""
+    def shard_steps(self, job_id: str, wait: bool = True) -> list[int]:
+        """Each shard's own count of applied optimizer steps; -1 each when the job is unusable.
+
+        wait=False (ListJobs): while a call holds the job (a step in flight), answer the job's
+        step for every shard — what they all had applied when the last call finished —
+        instead of waiting for that call to ask them. GetJob waits, so that a client reading
+        its job after a call it made (or cancelled) sees that call's last step.
+        """
         job = self.jobs.get(job_id)
-        with job.lock:
+        if not job.lock.acquire(blocking=wait):
+            return [-1 if job.broken or job.closed else job.step] * job.plan.n_shards
+        try:
             if job.broken or job.closed:
                 return [-1] * job.plan.n_shards
             with self._marking(job):
                 return job.group.call("get_step")
+        finally:
+            job.lock.release()
 
     def delete_job(self, job_id: str) -> None:
         job = self.jobs.pop(job_id)

@@ -121,9 +121,9 @@ class GradShardServicer(pb_grpc.GradShardServicer):
         self.coordinator = coordinator
         self.metrics = coordinator.metrics
 
-    def _job_pb(self, job_id: str) -> pb.Job:
+    def _job_pb(self, job_id: str, wait: bool = True) -> pb.Job:
         job = self.coordinator.jobs.get(job_id)
-        return job_to_pb(job, self.coordinator.shard_steps(job_id))
+        return job_to_pb(job, self.coordinator.shard_steps(job_id, wait))
 
     @_unary
     def CreateJob(self, request, context):
@@ -135,7 +135,8 @@ class GradShardServicer(pb_grpc.GradShardServicer):
 
     @_unary
     def ListJobs(self, request, context):
-        return pb.ListJobsResponse(jobs=[self._job_pb(j.job_id) for j in self.coordinator.jobs.all()])
+        # a busy job answers with its step rather than holding the whole list up (shard_steps)
+        return pb.ListJobsResponse(jobs=[self._job_pb(j.job_id, wait=False) for j in self.coordinator.jobs.all()])
 
     @_unary
     def DeleteJob(self, request, context):

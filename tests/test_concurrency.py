@@ -1,6 +1,7 @@
 """Calls on one job are serialized, calls on different jobs proceed in parallel, and a deadline or
 a cancellation stops a long call at a step boundary."""
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -55,3 +56,29 @@ def test_a_deadline_stops_training_at_a_step_boundary(client, two_jobs):
     again = client.get_job(b).step
     assert again == job.step                              # nothing kept running after the deadline
     np.testing.assert_array_equal(client.get_params(b, flat=True)["flat"], before)
+
+
+def test_list_jobs_does_not_wait_for_a_call_in_flight(client, server, two_jobs):
+    """ListJobs answers at once while a call holds a job, with the job's step for each of its shards."""
+    a, _ = two_jobs
+    job = server[1].jobs.get(a)
+    step = client.get_job(a).step
+    held, release = threading.Event(), threading.Event()
+
+    def hold():                                  # what a long step does: hold the job's lock
+        with job.lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(10)
+    try:
+        t0 = time.monotonic()
+        listed = next(j for j in client.list_jobs() if j.job_id == a)
+        assert time.monotonic() - t0 < 5         # not the 30 s the holder would take
+        assert listed.step == step and [s.step for s in listed.shards] == [step] * 2
+    finally:
+        release.set()
+        holder.join()
+    assert [s.step for s in client.get_job(a).shards] == [step] * 2      # free again: the shards are asked

@@ -133,7 +133,8 @@ class GradShardServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListJobs(self, request, context):
-        """Describe every job, in creation order.
+        """Describe every job, in creation order, without waiting for calls in flight
+        (a busy job's shards are shown at Job.step).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
