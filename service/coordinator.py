@@ -137,15 +137,17 @@ class Coordinator:
         its job after a call it made (or cancelled) sees that call's last step.
         """
         job = self.jobs.get(job_id)
-        if not job.lock.acquire(blocking=wait):
-            return [-1 if job.broken or job.closed else job.step] * job.plan.n_shards
+        held = job.lock.acquire(blocking=wait)
         try:
             if job.broken or job.closed:
                 return [-1] * job.plan.n_shards
+            if not held:
+                return [job.step] * job.plan.n_shards
             with self._marking(job):
                 return job.group.call("get_step")
         finally:
-            job.lock.release()
+            if held:
+                job.lock.release()
 
     def delete_job(self, job_id: str) -> None:
         job = self.jobs.pop(job_id)
@@ -233,8 +235,7 @@ class Coordinator:
             out = job.group.call("backward", fwd.token, job.group.put(dZ), want_grad=True)
             seconds = [a + b for a, (_, _, b) in zip(fwd.shard_seconds, out)]
             return GradientResult(loss + fwd.penalty, [g for _, g, _ in out], math.sqrt(sum(q for q, _, _ in out)),
-                                  len(fwd.y),
-                                  job.step, seconds)
+                                  len(fwd.y), job.step, seconds)
 
     def step(self, job_id: str, steps: int, learning_rate: float = 0.0,
              expected_step: int | None = None) -> Iterator[StepReport]:

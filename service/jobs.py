@@ -87,7 +87,8 @@ def check_limits(spec: ModelSpec, config: JobConfig, rows: int, limits: Limits) 
     need = job_bytes(spec, config, rows)
     if need > limits.max_job_bytes:
         raise ResourceExhausted(f"the job needs about {need:,} bytes in its shards (data, a step's batch, "
-                                f"parameters, optimizer state); the limit is {limits.max_job_bytes:,} (server flag --max-job-bytes)")
+                                f"parameters, optimizer state); the limit is {limits.max_job_bytes:,} "
+                                f"(server flag --max-job-bytes)")
 
 
 def resolve(config: JobConfig, limits: Limits = Limits()) -> tuple[ModelSpec, np.ndarray | None]:

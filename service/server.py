@@ -11,10 +11,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gradshard.v1 import gradshard_pb2 as pb
 from gradshard.v1 import gradshard_pb2_grpc as pb_grpc
 from service.auth import TokenInterceptor, check_exposure, server_credentials
 from service.chunkwire import register
+from service.client import SERVICE_NAME
 from service.config import Settings
 from service.coordinator import Coordinator
 from service.datasets import DatasetStore
@@ -27,7 +27,6 @@ from workers.memory import keep_freed_memory
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 4 << 20
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradShard"].full_name
 
 
 def create_server(coordinator: Coordinator, address: str, workers: int = 16,

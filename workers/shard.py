@@ -42,7 +42,7 @@ class Shard:
         self.grad = np.empty_like(self.theta)                                         # (P_s,)
         self.X: np.ndarray | None = None     # (rows, d) column block, or (rows, D) for the MLP
         self._pending: tuple | None = None   # (token, theta, Xb, cache) of the last forward
-        self._batch: np.ndarray | None = None  # the rows a kept forward gathers, reused step after step
+        self._batch: np.ndarray | None = None  # a step's gathered batch, its memory reused step after step
         self.optimizer = Optimizer(optimizer)  # its state covers this slice only
         self.step = 0                          # optimizer steps applied to this slice
         self._undo: list[np.ndarray] = []      # copies a fused step takes of theta and the optimizer state
