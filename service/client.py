@@ -57,6 +57,16 @@ def _chunks_only(responses: Iterator) -> Iterator:
         responses.close()            # cancels the call unless it ended
 
 
+def _summary_then_chunks(call) -> tuple[pb.GradientSummary, Iterator[tuple[pb.TensorChunk, memoryview]]]:
+    """A GradientResponse stream's summary, and an iterator over its chunks (closing it cancels the call)."""
+    responses = _read_all(call, read_gradient_response)
+    summary = next(responses)
+    if not isinstance(summary, pb.GradientSummary):
+        responses.close()
+        raise ValueError("the server's gradient stream did not start with its summary")
+    return summary, _chunks_only(responses)
+
+
 def _batch(rows) -> pb.Batch:
     return pb.Batch(rows=[] if rows is None else np.asarray(rows, np.int64).tolist())
 
@@ -86,6 +96,8 @@ class Client:
             f"/{SERVICE_NAME}/GetParameters", request_serializer=pb.GetParametersRequest.SerializeToString)
         self._compute_gradient = channel.stream_stream(
             f"/{SERVICE_NAME}/ComputeGradient", request_serializer=passthrough(pb.GradientRequest.SerializeToString))
+        self._get_gradient = channel.unary_stream(
+            f"/{SERVICE_NAME}/GetGradient", request_serializer=pb.GetGradientRequest.SerializeToString)
         self._set_parameters = channel.stream_unary(
             f"/{SERVICE_NAME}/SetParameters", request_serializer=passthrough(pb.SetParametersRequest.SerializeToString),
             response_deserializer=pb.Job.FromString)
@@ -181,12 +193,20 @@ class Client:
         def requests():
             yield pb.GradientRequest(job_id=job_id, batch=_batch(rows), flat=flat)
             yield from encode_tensors(params or {}, field=GRADIENT_REQUEST_PARAMETERS)
-        responses = _read_all(self._compute_gradient(requests(), timeout=self.timeout), read_gradient_response)
-        summary = next(responses)
-        if not isinstance(summary, pb.GradientSummary):
-            responses.close()
-            raise ValueError("the server's gradient stream did not start with its summary")
-        return summary, _chunks_only(responses)
+        return _summary_then_chunks(self._compute_gradient(requests(), timeout=self.timeout))
+
+    def held_gradient(self, job_id: str, flat: bool = False) -> tuple[pb.GradientSummary, dict[str, np.ndarray]]:
+        """(summary, gradient tensors) that the job's last step applied (GetGradient): nothing is
+        computed. summary.applied_step names the step; grad_norm is after its clipping."""
+        summary, chunks = self.held_gradient_stream(job_id, flat)
+        with contextlib.closing(chunks):                                    # cancels the call if decoding fails
+            return summary, decode_parts(chunks)
+
+    def held_gradient_stream(self, job_id: str, flat: bool = False
+                             ) -> tuple[pb.GradientSummary, Iterator[tuple[pb.TensorChunk, memoryview]]]:
+        """held_gradient() as it arrives, as gradient_stream() gives a computed one."""
+        return _summary_then_chunks(self._get_gradient(pb.GetGradientRequest(job_id=job_id, flat=flat),
+                                                       timeout=self.timeout))
 
     # --- training and checks ------------------------------------------------------
     def step(self, job_id: str, steps: int = 1, learning_rate: float = 0.0,

@@ -43,6 +43,8 @@ class GradientResult:
     rows: int
     step: int
     shard_seconds: list[float]
+    applied_step: int = 0         # held_gradient: the step that applied it (0: a gradient computed on request)
+    clip_scale: float = 1.0       # held_gradient: the factor global-norm clipping scaled it by
 
     @functools.cached_property
     def grad(self) -> np.ndarray:
@@ -236,6 +238,24 @@ class Coordinator:
             seconds = [a + b for a, (_, _, b) in zip(fwd.shard_seconds, out)]
             return GradientResult(loss + fwd.penalty, [g for _, g, _ in out], math.sqrt(sum(q for q, _, _ in out)),
                                   len(fwd.y), job.step, seconds)
+
+    def held_gradient(self, job_id: str) -> GradientResult:
+        """The gradient the job's last step applied (after clipping), as its shards keep it.
+
+        Nothing is computed: the shards' slices are gathered. Its loss, rows and shard
+        seconds are that step's; `step` is the job's step it was computed at, one before
+        `applied_step`. A client's ComputeGradient does not replace it.
+        """
+        job = self.jobs.get(job_id)
+        with using(job), self._marking(job):
+            report = job.held_gradient
+            if report is None:
+                raise FailedPrecondition(
+                    f"job {job_id} keeps no step's gradient: it has run no step since it was created or resumed, "
+                    f"or a shard was restarted and no step replayed since; run Step, or call ComputeGradient")
+            pieces = job.group.call("get_grad")
+            return GradientResult(report.loss, pieces, report.grad_norm * report.clip_scale, report.batch_rows,
+                                  report.step - 1, report.shard_seconds, report.step, report.clip_scale)
 
     def step(self, job_id: str, steps: int, learning_rate: float = 0.0,
              expected_step: int | None = None) -> Iterator[StepReport]:

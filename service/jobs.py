@@ -174,6 +174,7 @@ class Job:
     shard_epoch: int = 0          # bumped by every call that may replace what the shards keep from a forward
     prefetched: object = None     # service.step.Prefetch: the next step's forward, computed during this one
     broken: str = ""              # why the shards may disagree (a failed step); "" when they agree
+    held_gradient: object = None  # service.step.StepReport of the step whose gradient the shards keep; None: none
     holdout_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def __post_init__(self) -> None:

@@ -47,6 +47,7 @@ def recover(job: Job) -> list[int]:
     """
     job.shard_epoch += 1              # restored shards keep nothing from an earlier forward
     job.prefetched = None
+    job.held_gradient = None          # a restarted shard keeps no gradient; the replay's last step sets it again
     try:
         dead = job.group.replace_dead(job.config.data)
         target, ckpt = job.step, job.checkpoint

@@ -114,6 +114,19 @@ REQUEST_READERS = {
 }
 
 
+def _gradient_responses(job, result, flat: bool) -> Iterator:
+    """A GradientResponse stream: the summary, then the gradient's chunks (flat: straight
+    from the shards' slices, never joined)."""
+    yield pb.GradientResponse(summary=pb.GradientSummary(
+        loss=result.loss, grad_norm=result.grad_norm, rows=result.rows, step=result.step,
+        shard_seconds=result.shard_seconds, applied_step=result.applied_step,
+        clip_scale=result.clip_scale if result.applied_step else 0.0))
+    if flat:
+        yield from encode_pieces("flat", result.pieces, field=GRADIENT_RESPONSE_CHUNK)
+    else:
+        yield from encode_tensors(job.spec.to_named(result.grad), field=GRADIENT_RESPONSE_CHUNK)
+
+
 class GradShardServicer(pb_grpc.GradShardServicer):
     """Translates between protobuf and the numpy coordinator."""
 
@@ -163,13 +176,12 @@ class GradShardServicer(pb_grpc.GradShardServicer):
         head, params = self._read_job_tensors(request_iterator)
         job = self.coordinator.jobs.get(head.job_id)
         result = self.coordinator.gradient(head.job_id, _rows(head.batch), params or None)
-        yield pb.GradientResponse(summary=pb.GradientSummary(
-            loss=result.loss, grad_norm=result.grad_norm, rows=result.rows, step=result.step,
-            shard_seconds=result.shard_seconds))
-        if head.flat:
-            yield from encode_pieces("flat", result.pieces, field=GRADIENT_RESPONSE_CHUNK)
-        else:
-            yield from encode_tensors(job.spec.to_named(result.grad), field=GRADIENT_RESPONSE_CHUNK)
+        yield from _gradient_responses(job, result, head.flat)
+
+    @_streaming
+    def GetGradient(self, request, context):
+        job = self.coordinator.jobs.get(request.job_id)
+        yield from _gradient_responses(job, self.coordinator.held_gradient(request.job_id), request.flat)
 
     @_streaming
     def Step(self, request, context):

@@ -134,8 +134,10 @@ def sgd_step(job: Job, base_lr: float = 0.0, prefetch_next: bool = False) -> Ste
     if not (math.isfinite(loss) and np.all(np.isfinite(dZ))):
         raise FailedPrecondition(f"the loss is {loss} at step {t + 1} (learning rate {lr:g}); nothing was applied. "
                                  f"Set finite parameters or use a smaller learning rate")
+    job.held_gradient = None      # the shards' kept gradients change now; known again once the step is applied
     try:
-        return _update(job, t, lr, loss, fwd, dZ, epoch, t0, prefetch_next)
+        job.held_gradient = _update(job, t, lr, loss, fwd, dZ, epoch, t0, prefetch_next)
+        return job.held_gradient
     except ShardUnavailable:
         raise      # a dead shard: service.recovery restores a consistent state
     except Exception as exc:

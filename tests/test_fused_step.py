@@ -65,6 +65,7 @@ def test_fused_step_is_bitwise_the_separate_calls(kind, K, optimizer, dtype, min
         plain.apply(k + 1, 0.1)
         assert sq_f == sq_p
         np.testing.assert_array_equal(fused.theta, plain.theta)
+        np.testing.assert_array_equal(fused.get_grad(), plain.get_grad())     # what GetGradient serves
         for a, b in ((fused.optimizer.m, plain.optimizer.m), (fused.optimizer.v, plain.optimizer.v)):
             assert (a is None) == (b is None)
             if a is not None:

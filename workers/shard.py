@@ -99,17 +99,19 @@ class Shard:
 
     def backward(self, token: int, dZ: np.ndarray, want_grad: bool = False
                  ) -> tuple[float, np.ndarray | None, float]:
-        """Gradient of the slice from dZ (B, K), kept for apply().
+        """Gradient of the slice from dZ (B, K), kept for apply() (a step's backward).
 
-        Returns (squared norm of the slice's gradient, a copy of it if asked, seconds).
+        Returns (squared norm of the slice's gradient, the gradient if asked, seconds).
+        A gradient asked for (a client's) is written into fresh memory: the kept one stays
+        what the last step applied, for get_grad().
         """
         t0 = time.perf_counter()
         _, th, Xb, cache = self._take(token)
-        grad = self.grad if th.dtype == self.grad.dtype else np.empty_like(th)
+        grad = np.empty_like(th) if want_grad or th.dtype != self.grad.dtype else self.grad
         self.math.backward(th, Xb, dZ, cache, out=grad)
         self._pending = None       # the batch's copies and activations can go now
         sqnorm = float(np.vdot(grad, grad))
-        return sqnorm, (grad.copy() if want_grad else None), time.perf_counter() - t0
+        return sqnorm, (grad if want_grad else None), time.perf_counter() - t0
 
     def apply(self, step: int, lr: float, scale: float = 1.0, next_token: int | None = None,
               next_rows: np.ndarray | None = None) -> tuple[float, tuple | None]:
@@ -224,6 +226,11 @@ class Shard:
     # --- parameters ---------------------------------------------------------------
     def get_params(self) -> np.ndarray:
         return self.theta.copy()
+
+    def get_grad(self) -> np.ndarray:
+        """The slice's gradient kept by the last step's backward (scaled if it was clipped):
+        what that step applied. The coordinator knows which step that was, and whether any."""
+        return self.grad.copy()
 
     def get_step(self) -> int:
         return self.step

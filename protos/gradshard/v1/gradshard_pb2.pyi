@@ -340,19 +340,31 @@ class GradientRequest(_message.Message):
     parameters: TensorChunk
     def __init__(self, job_id: _Optional[str] = ..., batch: _Optional[_Union[Batch, _Mapping]] = ..., flat: _Optional[bool] = ..., parameters: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
+class GetGradientRequest(_message.Message):
+    __slots__ = ("job_id", "flat")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    FLAT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    flat: bool
+    def __init__(self, job_id: _Optional[str] = ..., flat: _Optional[bool] = ...) -> None: ...
+
 class GradientSummary(_message.Message):
-    __slots__ = ("loss", "grad_norm", "rows", "step", "shard_seconds")
+    __slots__ = ("loss", "grad_norm", "rows", "step", "shard_seconds", "applied_step", "clip_scale")
     LOSS_FIELD_NUMBER: _ClassVar[int]
     GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     SHARD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_STEP_FIELD_NUMBER: _ClassVar[int]
+    CLIP_SCALE_FIELD_NUMBER: _ClassVar[int]
     loss: float
     grad_norm: float
     rows: int
     step: int
     shard_seconds: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, loss: _Optional[float] = ..., grad_norm: _Optional[float] = ..., rows: _Optional[int] = ..., step: _Optional[int] = ..., shard_seconds: _Optional[_Iterable[float]] = ...) -> None: ...
+    applied_step: int
+    clip_scale: float
+    def __init__(self, loss: _Optional[float] = ..., grad_norm: _Optional[float] = ..., rows: _Optional[int] = ..., step: _Optional[int] = ..., shard_seconds: _Optional[_Iterable[float]] = ..., applied_step: _Optional[int] = ..., clip_scale: _Optional[float] = ...) -> None: ...
 
 class GradientResponse(_message.Message):
     __slots__ = ("summary", "chunk")

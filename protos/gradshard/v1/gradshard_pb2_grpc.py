@@ -70,6 +70,11 @@ class GradShardStub:
                 request_serializer=gradshard_dot_v1_dot_gradshard__pb2.GradientRequest.SerializeToString,
                 response_deserializer=gradshard_dot_v1_dot_gradshard__pb2.GradientResponse.FromString,
                 _registered_method=True)
+        self.GetGradient = channel.unary_stream(
+                '/gradshard.v1.GradShard/GetGradient',
+                request_serializer=gradshard_dot_v1_dot_gradshard__pb2.GetGradientRequest.SerializeToString,
+                response_deserializer=gradshard_dot_v1_dot_gradshard__pb2.GradientResponse.FromString,
+                _registered_method=True)
         self.Step = channel.unary_stream(
                 '/gradshard.v1.GradShard/Step',
                 request_serializer=gradshard_dot_v1_dot_gradshard__pb2.StepRequest.SerializeToString,
@@ -171,6 +176,21 @@ class GradShardServicer:
         the gradient instead of the job's own — the job's parameters are not
         changed. The response is one GradientSummary followed by the gradient's
         TensorChunks, named like the parameters.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetGradient(self, request, context):
+        """The gradient that the job's last step applied (after global-norm clipping,
+        if the job clips), as its shards keep it: nothing is computed, the shards'
+        slices are gathered and streamed. Like a framework's .grad after a step:
+        for a minibatch it is the gradient of that step's batch, which a later
+        ComputeGradient cannot reproduce. The response is one GradientSummary (that
+        step's loss, rows and shard seconds; grad_norm of the gradient sent; step
+        and applied_step) followed by the TensorChunks. ComputeGradient does not
+        replace it. FAILED_PRECONDITION when the job keeps none: no step since it
+        was created or resumed, or a shard was restarted and no step replayed since.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -284,6 +304,11 @@ def add_GradShardServicer_to_server(servicer, server):
             'ComputeGradient': grpc.stream_stream_rpc_method_handler(
                     servicer.ComputeGradient,
                     request_deserializer=gradshard_dot_v1_dot_gradshard__pb2.GradientRequest.FromString,
+                    response_serializer=gradshard_dot_v1_dot_gradshard__pb2.GradientResponse.SerializeToString,
+            ),
+            'GetGradient': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetGradient,
+                    request_deserializer=gradshard_dot_v1_dot_gradshard__pb2.GetGradientRequest.FromString,
                     response_serializer=gradshard_dot_v1_dot_gradshard__pb2.GradientResponse.SerializeToString,
             ),
             'Step': grpc.unary_stream_rpc_method_handler(
@@ -516,6 +541,33 @@ class GradShard:
             target,
             '/gradshard.v1.GradShard/ComputeGradient',
             gradshard_dot_v1_dot_gradshard__pb2.GradientRequest.SerializeToString,
+            gradshard_dot_v1_dot_gradshard__pb2.GradientResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetGradient(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gradshard.v1.GradShard/GetGradient',
+            gradshard_dot_v1_dot_gradshard__pb2.GetGradientRequest.SerializeToString,
             gradshard_dot_v1_dot_gradshard__pb2.GradientResponse.FromString,
             options,
             channel_credentials,
