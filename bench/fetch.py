@@ -1,7 +1,9 @@
 """W4's two ends in a process of their own, as a real client or server would be.
 
-    python -m bench.fetch --target 127.0.0.1:PORT --job JOB --tiny-job JOB [--repeats 10]
-        fetch a job's flat gradient and parameters, and a tiny job's gradient; print the times as JSON
+    python -m bench.fetch --target 127.0.0.1:PORT --job JOB --tiny-job JOB [--repeats 10] \
+            --bare-target 127.0.0.1:PORT
+        fetch a job's flat gradient (kept and computed) and parameters, a tiny job's gradient and
+        the bare server's tensor; print the times as JSON (the job must have run a step)
     python -m bench.fetch --serve-bare
         a bare gRPC server that streams a prepared 1M float32 tensor (W4's ceiling); prints its port
 
@@ -18,13 +20,14 @@ from concurrent import futures
 import numpy as np
 
 
-def fetch_times(target: str, job_id: str, tiny_job_id: str, repeats: int) -> dict:
-    """Seconds per fetch, the shards' compute left out: the whole gradient call, its stream after
-    the summary, the same call on a tiny job (the fixed cost of a call), and GetParameters."""
+def fetch_times(target: str, job_id: str, tiny_job_id: str, bare_target: str, repeats: int) -> dict:
+    """Seconds per fetch: GetGradient (the gradient the job's last step applied, nothing
+    computed); ComputeGradient's whole call with the shards' compute left out, its stream after
+    the summary, and the same call on a tiny job (the fixed cost of a call); GetParameters."""
     from service.client import Client
     from service.tensors import decode_parts
-    out = {"gradient_s": [], "stream_s": [], "tiny_s": [], "params_s": []}
-    with Client(target, timeout=300) as client:
+    out = {"held_s": [], "gradient_s": [], "stream_s": [], "tiny_s": [], "params_s": [], "bare_s": []}
+    with Client(target, timeout=300) as client, Client(bare_target) as bare:
         def gradient(job: str) -> tuple[float, float, int]:
             t0 = time.perf_counter()
             summary, chunks = client.gradient_stream(job, flat=True)
@@ -34,8 +37,20 @@ def fetch_times(target: str, job_id: str, tiny_job_id: str, repeats: int) -> dic
             # the shards' compute is not the fetch: leave the slowest shard's time out
             return t2 - t0 - max(summary.shard_seconds), t2 - t1, grads["flat"].nbytes
 
-        gradient(job_id), gradient(tiny_job_id)             # warm-up
+        def held() -> float:
+            t0 = time.perf_counter()
+            client.held_gradient(job_id, flat=True)
+            return time.perf_counter() - t0
+
+        def bare_fetch() -> float:
+            t0 = time.perf_counter()
+            out["bare_nbytes"] = bare.get_params("bare", flat=True)["flat"].nbytes
+            return time.perf_counter() - t0
+
+        gradient(job_id), gradient(tiny_job_id), held(), bare_fetch()     # warm-up
         for _ in range(repeats):
+            out["held_s"].append(held())
+            out["bare_s"].append(bare_fetch())
             total, stream, nbytes = gradient(job_id)
             out["gradient_s"].append(total)
             out["stream_s"].append(stream)
@@ -74,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target")
     p.add_argument("--job")
     p.add_argument("--tiny-job")
+    p.add_argument("--bare-target", help="a bench.fetch --serve-bare server, for the ceiling")
     p.add_argument("--repeats", type=int, default=10, help="fetches to time (at least 1)")
     p.add_argument("--serve-bare", action="store_true")
     a = p.parse_args(argv)
@@ -82,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.serve_bare:
         serve_bare()
     else:
-        print(json.dumps(fetch_times(a.target, a.job, a.tiny_job, a.repeats)))
+        print(json.dumps(fetch_times(a.target, a.job, a.tiny_job, a.bare_target, a.repeats)))
     return 0
 
 

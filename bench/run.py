@@ -59,10 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(w.client_step_ms(client))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
         if "W4" in only:
-            rows.append(w.gradient_fetch(client, f"127.0.0.1:{port}"))
-            print(table(rows[-1:]).splitlines()[-1], flush=True)
-            rows.append(w.transport_only())
-            print(table(rows[-1:]).splitlines()[-1], flush=True)
+            rows.extend(w.gradient_fetch(client, f"127.0.0.1:{port}"))
+            print("\n".join(table(rows[-2:]).splitlines()[-2:]), flush=True)
         if "W5" in only:
             for r in w.bytes_vs_params(client):
                 rows.append(r)

@@ -117,56 +117,53 @@ def client_step_ms(client: Client, steps: int = 200) -> Row:
         client.delete_job(job.job_id)
 
 
-def gradient_fetch(client: Client, target: str, repeats: int = 30) -> Row:
+def gradient_fetch(client: Client, target: str, repeats: int = 30) -> list[Row]:
     """W4: assemble and stream 1,000,000 float32 gradients to a Python client over loopback.
 
-    The client is a process of its own (bench.fetch), as a real client would be. Besides the
-    whole call it times the stream after the summary, and the same call on a 30-parameter
-    job: what a gradient call costs whatever its size (the gRPC call, the forward and
-    backward round trips to the shards).
+    The client is a process of its own (bench.fetch), as a real client would be. The fetch
+    is GetGradient after a step: the shards' kept slices gathered and streamed, the whole
+    call timed. Beside it, ComputeGradient's whole call with the shards' compute left out
+    (it also runs the forward and backward round trips), its stream after the summary, and
+    the same call on a 30-parameter job: what a gradient call costs whatever its size.
+    The second row is the ceiling: the same client fetching a prepared 4 MB tensor from a
+    bare gRPC server in a process of its own (bench.fetch --serve-bare), our encode and
+    decode and nothing else.
     """
     job = client.create_job("softmax", features=100_000, outputs=10, rows=32, shards=2, batch_size=0)
-    tiny = None
+    tiny = bare = None
     try:
+        list(client.step(job.job_id, 1))        # a step's gradient for GetGradient
         tiny = client.create_job("softmax", features=10, outputs=3, rows=32, shards=2, batch_size=0)
-        out = json.loads(subprocess.run([sys.executable, "-m", "bench.fetch", "--target", target, "--job", job.job_id,
-                                         "--tiny-job", tiny.job_id, "--repeats", str(repeats)],
-                                        check=True, capture_output=True, text=True, timeout=600).stdout)
-        nbytes = out["nbytes"]
-        rate = {k: nbytes / statistics.median(out[f"{k}_s"]) / 1e9 for k in ("gradient", "stream", "params")}
-        row = Row("W4 gradient fetch, 1M float32", 2, job.n_params)
-        row.service_ms, row.service_spread_ms = (v * 1e3 for v in _median_iqr(out["gradient_s"]))
-        row.bytes_per_step = nbytes
-        row.note = (f"{rate['gradient']:.2f} GB/s whole call (compute excluded); {rate['stream']:.2f} GB/s stream "
-                    f"after the summary; a 30-parameter gradient call {statistics.median(out['tiny_s']) * 1e3:.2f} "
-                    f"ms; GetParameters {rate['params']:.2f} GB/s")
-        return row
+        bare = subprocess.Popen([sys.executable, "-m", "bench.fetch", "--serve-bare"], stdout=subprocess.PIPE,
+                                text=True)
+        bare_target = f"127.0.0.1:{int(bare.stdout.readline())}"
+
+        out = json.loads(subprocess.run(
+            [sys.executable, "-m", "bench.fetch", "--target", target, "--job", job.job_id, "--tiny-job",
+             tiny.job_id, "--bare-target", bare_target, "--repeats", str(repeats)],
+            check=True, capture_output=True, text=True, timeout=600).stdout)
     finally:
+        if bare is not None:
+            bare.kill()
+            bare.wait()
         for j in (job, tiny):
             if j is not None:
                 client.delete_job(j.job_id)
-
-
-def transport_only(repeats: int = 20) -> Row:
-    """W4's ceiling: a bare gRPC server in its own process (bench.fetch --serve-bare) streams a
-    prepared 4 MB float32 tensor in 1 MiB chunks to this process: our encode and decode, nothing else."""
-    server = subprocess.Popen([sys.executable, "-m", "bench.fetch", "--serve-bare"], stdout=subprocess.PIPE, text=True)
-    try:
-        port = int(server.stdout.readline())
-        with Client(f"127.0.0.1:{port}") as bare:
-            times = []
-            for _ in range(repeats + 3):
-                t0 = time.perf_counter()
-                flat = bare.get_params("bare", flat=True)["flat"]
-                times.append(time.perf_counter() - t0)
-    finally:
-        server.kill()
-        server.wait()
-    row = Row("W4 ceiling: bare gRPC, 1M float32", 0, flat.size)
-    row.service_ms, row.service_spread_ms = (v * 1e3 for v in _median_iqr(times[3:]))
-    row.bytes_per_step = flat.nbytes
-    row.note = f"{flat.nbytes / statistics.median(times[3:]) / 1e9:.2f} GB/s"
-    return row
+    nbytes = out["nbytes"]
+    sizes = {"held": nbytes, "gradient": nbytes, "stream": nbytes, "params": nbytes, "bare": out["bare_nbytes"]}
+    rate = {k: n / statistics.median(out[f"{k}_s"]) / 1e9 for k, n in sizes.items()}
+    row = Row("W4 gradient fetch (GetGradient), 1M float32", 2, job.n_params)
+    row.service_ms, row.service_spread_ms = (v * 1e3 for v in _median_iqr(out["held_s"]))
+    row.bytes_per_step = nbytes
+    row.note = (f"{rate['held']:.2f} GB/s whole call; "
+                f"ComputeGradient {rate['gradient']:.2f} GB/s whole call (compute excluded), {rate['stream']:.2f} "
+                f"GB/s its stream after the summary, {statistics.median(out['tiny_s']) * 1e3:.2f} ms on 30 "
+                f"parameters; GetParameters {rate['params']:.2f} GB/s")
+    ceiling = Row("W4 ceiling: bare gRPC, 1M float32", 0, out["bare_nbytes"] // 4)
+    ceiling.service_ms, ceiling.service_spread_ms = (v * 1e3 for v in _median_iqr(out["bare_s"]))
+    ceiling.bytes_per_step = out["bare_nbytes"]
+    ceiling.note = f"{rate['bare']:.2f} GB/s"
+    return [row, ceiling]
 
 
 def bytes_vs_params(client: Client) -> list[Row]:

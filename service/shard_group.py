@@ -16,6 +16,7 @@ from workers.models import ModelSpec
 from workers.optimizers import OptimizerConfig
 from workers.plan import ShardPlan
 from workers.shard import Shard
+from workers.shared import alive, open_shared
 
 log = logging.getLogger(__name__)
 INLINE_BYTES = 64 << 10
@@ -27,6 +28,8 @@ PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD")
 BUNDLE_CPU_FLOOR = 0.01       # the bundle of a shard that reserves no CPU (cpus_per_shard = 0)
 PLACEMENT_TIMEOUT_S = 30.0
 CHANNEL_RETRY_S = 60.0        # Ray calls for this long after the lines to a job's shards failed to open
+# Calls that only copy out a shard's array: read from its shared memory when it is on this node.
+SHARED_READS = {"get_params": "theta", "get_grad": "grad"}
 
 
 class ShardGroup(Protocol):
@@ -128,6 +131,7 @@ class RayShardGroup:
         # The direct lines for a step's calls (workers.channel), opened on first use.
         self._authkey = os.urandom(32)
         self._channels: ShardChannels | None = None
+        self._shared: list[tuple[int, dict[str, np.ndarray]]] | None = None   # (pid, views) per shard, with the lines
         self._channels_retry_at = 0.0          # after a failure to open them: Ray calls until then
         self._channel_lock = threading.Lock()
         log.info("started %d shard actors (%s), %d BLAS threads each", plan.n_shards, placement, threads)
@@ -147,6 +151,10 @@ class RayShardGroup:
             with self._channel_lock:
                 channels = self._open_channels()
                 if channels is not None:
+                    if method in SHARED_READS and not (args or kwargs or each) and self._shared is not None \
+                            and all(alive(pid) for pid, _ in self._shared):
+                        # The caller holds the job's lock: no call is in flight, the shards write nothing.
+                        return [views[SHARED_READS[method]].copy() for _, views in self._shared]
                     return self._on_channels(channels, method, args, kwargs, each)
         refs = [getattr(actor, method).remote(*args, **kwargs, **(each[s] if each else {}))
                 for s, actor in enumerate(self.actors)]
@@ -179,6 +187,7 @@ class RayShardGroup:
         try:
             addresses = self._get([a.open_channel.remote(self._authkey) for a in self.actors], "open_channel")
             self._channels = ShardChannels(addresses, self._authkey)
+            self._shared = self._map_shared()
         except ShardUnavailable:
             raise                              # a dead shard: recovery, as on the Ray path
         except Exception as exc:               # cannot bind, refused, filtered (timed out), handshake failed
@@ -187,6 +196,21 @@ class RayShardGroup:
             self._channels_retry_at = time.monotonic() + CHANNEL_RETRY_S
             return None
         return self._channels
+
+    def _map_shared(self) -> list[tuple[int, dict[str, np.ndarray]]] | None:
+        """Read-only views of every shard's parameters and kept gradient if all run on this
+        node and this process may open them (workers.shared); else None: ask over the lines."""
+        here = self._ray.get_runtime_context().get_node_id()
+        mapped = []
+        try:
+            for node, arrays in self._get([a.shared_arrays.remote() for a in self.actors], "shared_arrays"):
+                if node != here or set(arrays) != set(SHARED_READS.values()):
+                    return None
+                mapped.append((arrays["theta"].pid, {name: open_shared(w) for name, w in arrays.items()}))
+        except OSError as exc:
+            log.info("cannot map the shards' memory (%s); their slices come over the lines", exc)
+            return None
+        return mapped
 
     def node_ids(self) -> list[str]:
         return self._get([a.node_id.remote() for a in self.actors], "node_id")
@@ -221,6 +245,7 @@ class RayShardGroup:
             if self._channels is not None:
                 self._channels.close()
                 self._channels = None
+            self._shared = None
 
     def close(self) -> None:
         self._close_channels()

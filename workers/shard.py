@@ -38,14 +38,19 @@ class Shard:
         self.units: Slice = plan.units[index]
         self.has_tail = plan.is_last(index)
         self.math = shard_math(spec, self.units, self.has_tail)
-        self.theta = init_theta(spec, self.units, self.has_tail, seed, self.dtype)   # (P_s,)
-        self.grad = np.empty_like(self.theta)                                         # (P_s,)
+        self.theta = self._kept("theta", init_theta(spec, self.units, self.has_tail, seed, self.dtype))  # (P_s,)
+        self.grad = self._kept("grad", np.empty_like(self.theta))                                         # (P_s,)
         self.X: np.ndarray | None = None     # (rows, d) column block, or (rows, D) for the MLP
         self._pending: tuple | None = None   # (token, theta, Xb, cache) of the last forward
         self._batch: np.ndarray | None = None  # a step's gathered batch, its memory reused step after step
         self.optimizer = Optimizer(optimizer)  # its state covers this slice only
         self.step = 0                          # optimizer steps applied to this slice
         self._undo: list[np.ndarray] = []      # copies a fused step takes of theta and the optimizer state
+
+    def _kept(self, name: str, a: np.ndarray) -> np.ndarray:
+        """The array kept as self.<name> for the shard's life (theta and grad are only ever
+        written in place); the Ray actor puts them where its coordinator can read them."""
+        return a
 
     # --- set-up -------------------------------------------------------------------
     def load(self, data: DataSpec) -> int:
