@@ -44,7 +44,7 @@ class GradientResult:
     step: int
     shard_seconds: list[float]
     applied_step: int = 0         # held_gradient: the step that applied it (0: a gradient computed on request)
-    clip_scale: float = 1.0       # held_gradient: the factor global-norm clipping scaled it by
+    clip_scale: float = 0.0       # held_gradient: the factor global-norm clipping scaled it by (0: computed on request)
 
     @functools.cached_property
     def grad(self) -> np.ndarray:

@@ -120,7 +120,7 @@ def _gradient_responses(job, result, flat: bool) -> Iterator:
     yield pb.GradientResponse(summary=pb.GradientSummary(
         loss=result.loss, grad_norm=result.grad_norm, rows=result.rows, step=result.step,
         shard_seconds=result.shard_seconds, applied_step=result.applied_step,
-        clip_scale=result.clip_scale if result.applied_step else 0.0))
+        clip_scale=result.clip_scale))
     if flat:
         yield from encode_pieces("flat", result.pieces, field=GRADIENT_RESPONSE_CHUNK)
     else:

@@ -53,7 +53,8 @@ def test_each_step_s_minibatch_gradient_is_served_and_a_client_gradient_does_not
         # the flat view, and the same gradient asked for by a client at those parameters and rows
         _, held_flat = client.held_gradient(job.job_id, flat=True)
         np.testing.assert_allclose(held_flat["flat"], flat_of(expected), rtol=1e-11, atol=1e-14)
-        _, computed = client.gradient(job.job_id, rows=rows, params=params, flat=True)
+        computed_summary, computed = client.gradient(job.job_id, rows=rows, params=params, flat=True)
+        assert computed_summary.applied_step == 0 and computed_summary.clip_scale == 0.0   # GetGradient's fields only
         np.testing.assert_array_equal(computed["flat"], held_flat["flat"])
         client.gradient(job.job_id, rows=[0, 1], params={"flat": held_flat["flat"]})    # another point
         _, again = client.held_gradient(job.job_id, flat=True)
