@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             print(table(rows[-1:]).splitlines()[-1], flush=True)
         if "W4" in only:
             rows.extend(w.gradient_fetch(client, f"127.0.0.1:{port}"))
-            print("\n".join(table(rows[-2:]).splitlines()[-2:]), flush=True)
+            print("\n".join(table(rows[-3:]).splitlines()[-3:]), flush=True)
         if "W5" in only:
             for r in w.bytes_vs_params(client):
                 rows.append(r)

@@ -4,9 +4,10 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import grpc
+import grpc.experimental
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -16,8 +17,18 @@ from service.auth import BearerToken
 from service.chunkwire import (GRADIENT_REQUEST_PARAMETERS, SET_PARAMETERS_CHUNK, UPLOAD_DATASET_CHUNK,
                                encode_tensors, passthrough, read_chunk, read_gradient_response)
 from service.tensors import decode_parts
+from workers import memory
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradShard"].full_name
+
+# Server-streaming calls (GetParameters, GetGradient, Step, Train) read their messages on the
+# calling thread instead of through the channel's spin thread: a thread hand-off less per
+# message, and the messages' memory is allocated and freed by one thread, so that it can be
+# reused (keep_freed_memory below; the two together took a 4 MB GetGradient from 4.3 to 3.5 ms
+# here, either alone gave nothing; bench/RESULTS.md compares with a plain client, W4). gRPC
+# marks the option experimental; what it changes for a caller: such a call's future methods
+# (result(), exception()) do not block, and its done-callbacks run on the thread reading it.
+CHANNEL_OPTIONS = ((grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),)
 
 MODEL_NAMES = {"linear": pb.LINEAR, "logistic": pb.LOGISTIC, "softmax": pb.SOFTMAX, "mlp": pb.MLP}
 DTYPE_NAMES = {"float32": pb.FLOAT32, "float64": pb.FLOAT64}
@@ -75,17 +86,29 @@ class Client:
     """One channel to one coordinator. Metadata comes back as the protobuf messages."""
 
     def __init__(self, address: str, timeout: float | None = None, token: str = "", tls_ca: str = "",
-                 client_cert: str = "", client_key: str = "") -> None:
+                 client_cert: str = "", client_key: str = "", keep_freed_memory: bool = True,
+                 channel_options: Sequence[tuple[str, Any]] = CHANNEL_OPTIONS) -> None:
         """tls_ca: PEM of the CA that signed the server's certificate (turns TLS on); client_cert and
-        client_key: this client's certificate, for servers that require one; token: the bearer token."""
+        client_key: this client's certificate, for servers that require one; token: the bearer token;
+        channel_options: gRPC channel arguments (default CHANNEL_OPTIONS; pass yours with them).
+
+        keep_freed_memory: set this process's glibc malloc thresholds as the server does
+        (workers/memory.py), unless the environment already sets them. Every tensor fetched
+        arrives as 1 MiB messages in fresh buffers; with glibc's defaults their pages often go
+        back to the kernel after a call and fault in again on the next (70-600 faults per 4 MB
+        fetch here, against about 10 once freed memory is kept). The setting is process-wide and
+        stays: freed blocks under 16 MiB are kept for reuse. Pass False to leave malloc alone.
+        """
+        if keep_freed_memory:
+            memory.keep_freed_memory()
         if tls_ca:
             creds = grpc.ssl_channel_credentials(
                 root_certificates=Path(tls_ca).read_bytes(),
                 private_key=Path(client_key).read_bytes() if client_key else None,
                 certificate_chain=Path(client_cert).read_bytes() if client_cert else None)
-            self.channel = grpc.secure_channel(address, creds)
+            self.channel = grpc.secure_channel(address, creds, options=list(channel_options))
         else:
-            self.channel = grpc.insecure_channel(address)
+            self.channel = grpc.insecure_channel(address, options=list(channel_options))
         channel = grpc.intercept_channel(self.channel, BearerToken(token)) if token else self.channel
         self.stub = pb_grpc.GradShardStub(channel)
         self.timeout = timeout

@@ -168,3 +168,27 @@ def test_train_with_a_cosine_over_epochs_sizes_the_cosine_itself(server, data_an
     assert "trained 6 steps" in proc.stdout, proc.stdout
     lrs = [float(x) for x in re.findall(r"lr ([0-9.e+-]+)", proc.stdout)]
     assert lrs[:2] == [0.0005, 0.001] and lrs[-1] < lrs[2] and len(lrs) == 6
+
+
+def test_ctrl_c_stops_training_at_a_step_boundary(server, data_and_params):
+    # The client reads a call's stream on the calling thread (service.client.CHANNEL_OPTIONS):
+    # a SIGINT must still reach the CLI while it waits for the next step.
+    d = data_and_params[0]
+    proc = subprocess.Popen([*GRADSHARD, "train", "--server", server[0], "--model", "mlp", "--hidden", "6", "--data",
+                             str(d / "data.npz"), "--steps", "1000000", "--batch-size", "16", "--shards", "2"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # whatever ours ignores
+    try:
+        seen = ""
+        while "ex/s=" not in seen:              # the progress bar is running: steps are streaming
+            c = proc.stdout.read(1)
+            assert c, f"train ended early: {proc.stderr.read()}"
+            seen += c
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "interrupted: training stopped at a step boundary" in err
+    steps = int(re.search(r"trained (\d+) steps", out).group(1))
+    assert 1 <= steps < 1_000_000
