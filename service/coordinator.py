@@ -13,7 +13,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 
@@ -33,12 +33,19 @@ from workers.shard import DataSpec
 
 log = logging.getLogger(__name__)
 SPLITS = ("all", "train", "holdout")
+T = TypeVar("T")
+
+
+def private_copies(pieces: list[np.ndarray]) -> list[np.ndarray]:
+    """The default read of lent slices (ShardGroup.lend): arrays of the caller's own."""
+    return [np.array(p) for p in pieces]
 
 
 @dataclass
 class GradientResult:
     loss: float
-    pieces: list[np.ndarray]      # the shards' slices of the flat gradient, in order
+    pieces: list                  # the shards' slices of the flat gradient, in order
+                                  # (held_gradient: what its `read` made of them)
     grad_norm: float
     rows: int
     step: int
@@ -200,13 +207,18 @@ class Coordinator:
 
     # --- parameters -------------------------------------------------------------------
     def get_params(self, job_id: str) -> np.ndarray:
-        return np.concatenate(self.param_pieces(job_id))
+        return self.param_pieces(job_id, np.concatenate)
 
-    def param_pieces(self, job_id: str) -> list[np.ndarray]:
-        """The shards' slices of the flat parameters, in order (get_params without joining them)."""
+    def param_pieces(self, job_id: str, read: Callable[[list[np.ndarray]], T] = private_copies) -> T:
+        """read(the shards' slices of the flat parameters, in order), called under the job's lock.
+
+        The slices may be the shards' live memory lent read-only for the call
+        (ShardGroup.lend): `read` copies or encodes them and keeps no view. The default
+        gives private copies; the servicer encodes its messages straight from the slices.
+        """
         job = self.jobs.get(job_id)
         with using(job), self._marking(job):
-            return job.group.call("get_params")
+            return read(job.group.lend("get_params"))
 
     def set_params(self, job_id: str, named: dict[str, np.ndarray]) -> Job:
         """Replace the tensors given (named, or "flat"); the others keep their values.
@@ -239,12 +251,13 @@ class Coordinator:
             return GradientResult(loss + fwd.penalty, [g for _, g, _ in out], math.sqrt(sum(q for q, _, _ in out)),
                                   len(fwd.y), job.step, seconds)
 
-    def held_gradient(self, job_id: str) -> GradientResult:
+    def held_gradient(self, job_id: str, read: Callable[[list[np.ndarray]], list] = private_copies) -> GradientResult:
         """The gradient the job's last step applied (after clipping), as its shards keep it.
 
         Nothing is computed: the shards' slices are gathered. Its loss, rows and shard
         seconds are that step's; `step` is the job's step it was computed at, one before
-        `applied_step`. A client's ComputeGradient does not replace it.
+        `applied_step`. A client's ComputeGradient does not replace it. The result's pieces
+        are read(the slices), under the job's lock, as in param_pieces.
         """
         job = self.jobs.get(job_id)
         with using(job), self._marking(job):
@@ -253,7 +266,7 @@ class Coordinator:
                 raise FailedPrecondition(
                     f"job {job_id} keeps no step's gradient: it has run no step since it was created or resumed, "
                     f"or a shard was restarted and no step replayed since; run Step, or call ComputeGradient")
-            pieces = job.group.call("get_grad")
+            pieces = read(job.group.lend("get_grad"))
             return GradientResult(report.loss, pieces, report.grad_norm * report.clip_scale, report.batch_rows,
                                   report.step - 1, report.shard_seconds, report.step, report.clip_scale)
 

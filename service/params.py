@@ -9,7 +9,8 @@ from service.jobs import Job
 def flat_from(job: Job, named: dict[str, np.ndarray], partial: bool) -> np.ndarray:
     """The flat vector from named tensors or "flat": names, shapes, dtype and finite values checked.
 
-    partial=True fills the tensors not sent from the job's current parameters.
+    partial=True fills the tensors not sent from the job's current parameters (the caller
+    holds the job's lock: they are read from the shards' lent slices, ShardGroup.lend).
     """
     spec, dtype = job.spec, np.dtype(job.config.dtype)
     shapes = spec.tensor_shapes()
@@ -35,5 +36,5 @@ def flat_from(job: Job, named: dict[str, np.ndarray], partial: bool) -> np.ndarr
         if not partial:
             missing = sorted(set(shapes) - set(named))
             raise ValueError(f"parameters must include every tensor; missing {', '.join(missing)}")
-        named = {**spec.to_named(np.concatenate(job.group.call("get_params"))), **named}
+        named = {**spec.to_named(np.concatenate(job.group.lend("get_params"))), **named}
     return spec.from_named(named, dtype)

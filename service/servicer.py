@@ -114,17 +114,30 @@ REQUEST_READERS = {
 }
 
 
-def _gradient_responses(job, result, flat: bool) -> Iterator:
-    """A GradientResponse stream: the summary, then the gradient's chunks (flat: straight
-    from the shards' slices, never joined)."""
-    yield pb.GradientResponse(summary=pb.GradientSummary(
+def _summary(result) -> pb.GradientResponse:
+    return pb.GradientResponse(summary=pb.GradientSummary(
         loss=result.loss, grad_norm=result.grad_norm, rows=result.rows, step=result.step,
         shard_seconds=result.shard_seconds, applied_step=result.applied_step,
         clip_scale=result.clip_scale))
+
+
+def _gradient_responses(job, result, flat: bool) -> Iterator:
+    """A GradientResponse stream: the summary, then the gradient's chunks (flat: straight
+    from the shards' slices, never joined)."""
+    yield _summary(result)
     if flat:
         yield from encode_pieces("flat", result.pieces, field=GRADIENT_RESPONSE_CHUNK)
     else:
         yield from encode_tensors(job.spec.to_named(result.grad), field=GRADIENT_RESPONSE_CHUNK)
+
+
+def _flat_messages(field: int | None = None) -> Callable[[list[np.ndarray]], list[bytes]]:
+    """A read for the coordinator's lent slices (Coordinator.param_pieces, held_gradient): the
+    flat tensor's messages, encoded under the job's lock straight from the slices, which may be
+    the shards' shared memory. That one copy replaces gathering the slices and then encoding
+    them: 0.1 ms less per 4 MB GetGradient here (medians of 400 interleaved calls each way,
+    three runs), for the job's lock held ~0.15 ms longer (0.55 ms encoding, 0.4 ms copying)."""
+    return lambda pieces: list(encode_pieces("flat", pieces, field=field))
 
 
 class GradShardServicer(pb_grpc.GradShardServicer):
@@ -159,11 +172,10 @@ class GradShardServicer(pb_grpc.GradShardServicer):
     @_streaming
     def GetParameters(self, request, context):
         job = self.coordinator.jobs.get(request.job_id)
-        pieces = self.coordinator.param_pieces(request.job_id)
         if request.flat:
-            yield from encode_pieces("flat", pieces)
+            yield from self.coordinator.param_pieces(request.job_id, _flat_messages())
         else:
-            yield from encode_tensors(job.spec.to_named(np.concatenate(pieces)))
+            yield from encode_tensors(job.spec.to_named(self.coordinator.get_params(request.job_id)))
 
     @_unary
     def SetParameters(self, request_iterator, context):
@@ -181,7 +193,12 @@ class GradShardServicer(pb_grpc.GradShardServicer):
     @_streaming
     def GetGradient(self, request, context):
         job = self.coordinator.jobs.get(request.job_id)
-        yield from _gradient_responses(job, self.coordinator.held_gradient(request.job_id), request.flat)
+        if request.flat:
+            result = self.coordinator.held_gradient(request.job_id, _flat_messages(GRADIENT_RESPONSE_CHUNK))
+            yield _summary(result)
+            yield from result.pieces
+        else:
+            yield from _gradient_responses(job, self.coordinator.held_gradient(request.job_id), False)
 
     @_streaming
     def Step(self, request, context):

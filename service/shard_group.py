@@ -28,7 +28,8 @@ PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD")
 BUNDLE_CPU_FLOOR = 0.01       # the bundle of a shard that reserves no CPU (cpus_per_shard = 0)
 PLACEMENT_TIMEOUT_S = 30.0
 CHANNEL_RETRY_S = 60.0        # Ray calls for this long after the lines to a job's shards failed to open
-# Calls that only copy out a shard's array: read from its shared memory when it is on this node.
+# Calls that only copy out a shard's array: lent from its shared memory when it is on this node
+# (RayShardGroup.lend).
 SHARED_READS = {"get_params": "theta", "get_grad": "grad"}
 
 
@@ -40,6 +41,12 @@ class ShardGroup(Protocol):
     def put(self, value: Any) -> Any: ...
 
     def call(self, method: str, *args: Any, each: Sequence[dict] | None = None, **kwargs: Any) -> list: ...
+
+    def lend(self, method: str) -> list[np.ndarray]:
+        """What `call(method)` answers for a method in SHARED_READS, possibly as read-only views
+        of the shards' live memory: the caller holds the job's lock and reads them before it
+        lets go (copies or encodes them), keeping no view."""
+        ...
 
     def node_ids(self) -> list[str]: ...
 
@@ -65,6 +72,9 @@ class LocalShardGroup:
     def call(self, method: str, *args: Any, each: Sequence[dict] | None = None, **kwargs: Any) -> list:
         return [getattr(shard, method)(*args, **kwargs, **(each[s] if each else {}))
                 for s, shard in enumerate(self.shards)]
+
+    def lend(self, method: str) -> list[np.ndarray]:
+        return self.call(method)
 
     def node_ids(self) -> list[str]:
         return ["local"] * self.n_shards
@@ -151,14 +161,24 @@ class RayShardGroup:
             with self._channel_lock:
                 channels = self._open_channels()
                 if channels is not None:
-                    if method in SHARED_READS and not (args or kwargs or each) and self._shared is not None \
-                            and all(alive(pid) for pid, _ in self._shared):
-                        # The caller holds the job's lock: no call is in flight, the shards write nothing.
-                        return [views[SHARED_READS[method]].copy() for _, views in self._shared]
                     return self._on_channels(channels, method, args, kwargs, each)
         refs = [getattr(actor, method).remote(*args, **kwargs, **(each[s] if each else {}))
                 for s, actor in enumerate(self.actors)]
         return self._get(refs, method)
+
+    def lend(self, method: str) -> list[np.ndarray]:
+        """Views of the shards' shared memory when it is mapped and every shard's process is
+        alive (no message: the caller copies or encodes straight from them); else their
+        answers over the lines, or through Ray. A shard whose process is gone is not read:
+        its call reports it, as for any call."""
+        if method not in SHARED_READS:
+            raise ValueError(f"{method} is not a read the shards' shared memory can answer")
+        with self._channel_lock:
+            if self._open_channels() is not None and self._shared is not None \
+                    and all(alive(pid) for pid, _ in self._shared):
+                # The caller holds the job's lock: no call is in flight, the shards write nothing.
+                return [views[SHARED_READS[method]] for _, views in self._shared]
+        return self.call(method)
 
     def _on_channels(self, channels: ShardChannels, method: str, args: tuple, kwargs: dict,
                      each: Sequence[dict] | None) -> list:

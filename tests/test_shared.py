@@ -76,18 +76,27 @@ def _job(coordinator, **kw):
                                             features=300, outputs=4, shards=3, dtype="float64", **kw))
 
 
-def test_slices_read_from_shared_memory_equal_the_shards_answers_on_their_lines(coordinator):
+def test_slices_lent_from_shared_memory_equal_the_shards_answers_on_their_lines(coordinator):
     job = _job(coordinator)
     list(coordinator.step(job.job_id, 3))
     group = job.group
     assert group._shared is not None and len(group._shared) == 3      # all on this node: mapped
     with job.lock, group._channel_lock:
         on_lines = {m: group._on_channels(group._channels, m, (), {}, None) for m in ("get_params", "get_grad")}
+    with job.lock:
+        lent = {m: group.lend(m) for m in on_lines}
     for method, expected in on_lines.items():
-        got = group.call(method)
-        assert all(g.flags.writeable and g.flags.owndata for g in got)    # copies, not views of the shards
-        for g, e in zip(got, expected):
-            np.testing.assert_array_equal(g, e)
+        assert not any(v.flags.writeable for v in lent[method])          # the shards' memory, read-only
+        for v, e in zip(lent[method], expected):
+            np.testing.assert_array_equal(v, e)
+    theta = coordinator.param_pieces(job.job_id)                       # the default read: private copies
+    held = coordinator.held_gradient(job.job_id).pieces
+    assert all(p.flags.writeable and p.flags.owndata for p in theta + held)
+    list(coordinator.step(job.job_id, 1))
+    # the lent views are live, which is why they are read under the job's lock; the copies are not
+    for s in range(3):
+        assert not np.array_equal(lent["get_params"][s], on_lines["get_params"][s])
+        np.testing.assert_array_equal(theta[s], on_lines["get_params"][s])
     coordinator.delete_job(job.job_id)
 
 
