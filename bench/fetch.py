@@ -31,7 +31,7 @@ def fetch_times(target: str, job_id: str, tiny_job_id: str, bare_target: str, re
     from service.client import Client
     from service.tensors import decode_parts
     out = {"held_s": [], "gradient_s": [], "stream_s": [], "tiny_s": [], "params_s": [], "bare_s": []}
-    settings = {"channel_options": (), "keep_freed_memory": False} if plain else {}
+    settings = {"single_threaded_fetches": False, "keep_freed_memory": False} if plain else {}
     with Client(target, timeout=300, **settings) as client, Client(bare_target, **settings) as bare:
         def gradient(job: str) -> tuple[float, float, int]:
             t0 = time.perf_counter()

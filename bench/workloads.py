@@ -117,7 +117,11 @@ def client_step_ms(client: Client, steps: int = 200) -> Row:
         client.delete_job(job.job_id)
 
 
-def gradient_fetch(client: Client, target: str, repeats: int = 30, rounds: int = 2) -> list[Row]:
+FETCH_REPEATS, FETCH_ROUNDS = 30, 2      # W4: fetches of each kind per round, rounds per client
+
+
+def gradient_fetch(client: Client, target: str, repeats: int = FETCH_REPEATS,
+                   rounds: int = FETCH_ROUNDS) -> list[Row]:
     """W4: assemble and stream 1,000,000 float32 gradients to a Python client over loopback.
 
     The client is a process of its own (bench.fetch), as a real client would be. The fetch

@@ -37,8 +37,20 @@ T = TypeVar("T")
 
 
 def private_copies(pieces: list[np.ndarray]) -> list[np.ndarray]:
-    """The default read of lent slices (ShardGroup.lend): arrays of the caller's own."""
-    return [np.array(p) for p in pieces]
+    """The default read of lent slices (ShardGroup.lend): arrays of the caller's own. A slice
+    that came over a line or through Ray, or from an in-process shard's copy, is already its
+    own (writeable, owning its memory); a view of a shard's memory is read-only: copied."""
+    return [p if p.flags.writeable and p.flags.owndata else np.array(p) for p in pieces]
+
+
+def _read_lent(read: Callable[[list[np.ndarray]], T], lent: list[np.ndarray]) -> T:
+    """read(lent), refusing a result that is still a view of the lent slices: the shards'
+    live memory must not outlive the job's lock."""
+    out = read(lent)
+    for o in out if isinstance(out, list) else [out]:
+        if isinstance(o, np.ndarray) and any(np.may_share_memory(o, v) for v in lent if not v.flags.writeable):
+            raise RuntimeError(f"{getattr(read, '__name__', read)!r} kept a view of a shard's memory; copy it")
+    return out
 
 
 @dataclass
@@ -218,7 +230,7 @@ class Coordinator:
         """
         job = self.jobs.get(job_id)
         with using(job), self._marking(job):
-            return read(job.group.lend("get_params"))
+            return _read_lent(read, job.group.lend("get_params"))
 
     def set_params(self, job_id: str, named: dict[str, np.ndarray]) -> Job:
         """Replace the tensors given (named, or "flat"); the others keep their values.
@@ -266,7 +278,7 @@ class Coordinator:
                 raise FailedPrecondition(
                     f"job {job_id} keeps no step's gradient: it has run no step since it was created or resumed, "
                     f"or a shard was restarted and no step replayed since; run Step, or call ComputeGradient")
-            pieces = read(job.group.lend("get_grad"))
+            pieces = _read_lent(read, job.group.lend("get_grad"))
             return GradientResult(report.loss, pieces, report.grad_norm * report.clip_scale, report.batch_rows,
                                   report.step - 1, report.shard_seconds, report.step, report.clip_scale)
 

@@ -291,3 +291,42 @@ def test_a_stream_the_client_cannot_decode_is_cancelled():
                 assert ended[name].wait(5), f"{name} was not cancelled"
     finally:
         server.stop(0)
+
+
+def test_a_fetch_ended_early_is_cancelled_and_freed(monkeypatch):
+    """GetGradient and GetParameters run on the client's single-threaded channel, whose calls
+    gRPC frees only once their reader takes their last events: a fetch the caller closes early
+    is cancelled and then freed (service.client._end), and the channel serves the next one."""
+    from concurrent import futures
+
+    import service.client as client_module
+    from service.chunkwire import register
+    from service.client import Client
+
+    flat = np.arange(1_000_000, dtype=np.float32)
+
+    class Fetches(pb_grpc.GradShardServicer):
+        def GetGradient(self, request, context):
+            yield pb.GradientResponse(summary=pb.GradientSummary(loss=2.0, applied_step=1))
+            yield from encode_pieces("flat", [flat], field=GRADIENT_RESPONSE_CHUNK)
+
+    ended = []
+    end = client_module._end
+    monkeypatch.setattr(client_module, "_end", lambda call: (end(call), ended.append(call)))
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    register(pb_grpc.add_GradShardServicer_to_server, Fetches(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+            summary, chunks = client.held_gradient_stream("j", flat=True)
+            next(chunks)
+            chunks.close()                                  # one chunk of four read, then stopped
+            assert summary.loss == 2.0 and len(ended) == 1
+            call = ended[0]
+            assert type(call).__name__ == "_SingleThreadedRendezvous"   # read on the calling thread
+            assert call.code() == grpc.StatusCode.CANCELLED and not call._state.due   # its events taken: freed
+            np.testing.assert_array_equal(client.held_gradient("j", flat=True)[1]["flat"], flat)
+            assert len(ended) == 1                          # a fetch read to its end needs no _end
+    finally:
+        server.stop(0)

@@ -89,6 +89,9 @@ def test_slices_lent_from_shared_memory_equal_the_shards_answers_on_their_lines(
         assert not any(v.flags.writeable for v in lent[method])          # the shards' memory, read-only
         for v, e in zip(lent[method], expected):
             np.testing.assert_array_equal(v, e)
+    for keeps_views in (lambda p: p, lambda p: np.asarray(p[0])):
+        with pytest.raises(RuntimeError, match="kept a view of a shard's memory"):
+            coordinator.param_pieces(job.job_id, keeps_views)
     theta = coordinator.param_pieces(job.job_id)                       # the default read: private copies
     held = coordinator.held_gradient(job.job_id).pieces
     assert all(p.flags.writeable and p.flags.owndata for p in theta + held)
