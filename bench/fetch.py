@@ -1,7 +1,7 @@
 """W4's two ends in a process of their own, as a real client or server would be.
 
     python -m bench.fetch --target 127.0.0.1:PORT --job JOB --tiny-job JOB [--repeats 10] \
-            --bare-target 127.0.0.1:PORT [--plain-client]
+            --bare-target 127.0.0.1:PORT
         fetch a job's flat gradient (kept and computed) and parameters, a tiny job's gradient and
         the bare server's tensor; print the times as JSON (the job must have run a step)
     python -m bench.fetch --serve-bare
@@ -20,19 +20,14 @@ from concurrent import futures
 import numpy as np
 
 
-def fetch_times(target: str, job_id: str, tiny_job_id: str, bare_target: str, repeats: int,
-                plain: bool = False) -> dict:
+def fetch_times(target: str, job_id: str, tiny_job_id: str, bare_target: str, repeats: int) -> dict:
     """Seconds per fetch: GetGradient (the gradient the job's last step applied, nothing
     computed); ComputeGradient's whole call with the shards' compute left out, its stream after
-    the summary, and the same call on a tiny job (the fixed cost of a call); GetParameters.
-
-    plain: a client on gRPC's default channel (a spin thread reads the streams) and glibc's
-    default malloc, to show what the client's own settings give (service.client.Client)."""
+    the summary, and the same call on a tiny job (the fixed cost of a call); GetParameters."""
     from service.client import Client
     from service.tensors import decode_parts
     out = {"held_s": [], "gradient_s": [], "stream_s": [], "tiny_s": [], "params_s": [], "bare_s": []}
-    settings = {"single_threaded_fetches": False, "keep_freed_memory": False} if plain else {}
-    with Client(target, timeout=300, **settings) as client, Client(bare_target, **settings) as bare:
+    with Client(target, timeout=300) as client, Client(bare_target) as bare:
         def gradient(job: str) -> tuple[float, float, int]:
             t0 = time.perf_counter()
             summary, chunks = client.gradient_stream(job, flat=True)
@@ -97,15 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bare-target", help="a bench.fetch --serve-bare server, for the ceiling")
     p.add_argument("--repeats", type=int, default=10, help="fetches to time (at least 1)")
     p.add_argument("--serve-bare", action="store_true")
-    p.add_argument("--plain-client", action="store_true",
-                   help="fetch with gRPC's default channel and glibc's default malloc (for comparison)")
     a = p.parse_args(argv)
     if a.repeats < 1:
         p.error("--repeats must be at least 1")
     if a.serve_bare:
         serve_bare()
     else:
-        print(json.dumps(fetch_times(a.target, a.job, a.tiny_job, a.bare_target, a.repeats, a.plain_client)))
+        print(json.dumps(fetch_times(a.target, a.job, a.tiny_job, a.bare_target, a.repeats)))
     return 0
 
 

@@ -117,11 +117,7 @@ def client_step_ms(client: Client, steps: int = 200) -> Row:
         client.delete_job(job.job_id)
 
 
-FETCH_REPEATS, FETCH_ROUNDS = 30, 2      # W4: fetches of each kind per round, rounds per client
-
-
-def gradient_fetch(client: Client, target: str, repeats: int = FETCH_REPEATS,
-                   rounds: int = FETCH_ROUNDS) -> list[Row]:
+def gradient_fetch(client: Client, target: str, repeats: int = 30) -> list[Row]:
     """W4: assemble and stream 1,000,000 float32 gradients to a Python client over loopback.
 
     The client is a process of its own (bench.fetch), as a real client would be. The fetch
@@ -131,10 +127,7 @@ def gradient_fetch(client: Client, target: str, repeats: int = FETCH_REPEATS,
     the same call on a 30-parameter job: what a gradient call costs whatever its size.
     The second row is the ceiling: the same client fetching a prepared 4 MB tensor from a
     bare gRPC server in a process of its own (bench.fetch --serve-bare), our encode and
-    decode and nothing else. The third is GetGradient again from a plain client: gRPC's
-    default channel and glibc's default malloc (bench.fetch --plain-client), which is what
-    the client's settings (service.client.Client) are worth. Each client runs `rounds`
-    times, alternating, `repeats` fetches of each kind each time.
+    decode and nothing else.
     """
     job = client.create_job("softmax", features=100_000, outputs=10, rows=32, shards=2, batch_size=0)
     tiny = bare = None
@@ -145,19 +138,10 @@ def gradient_fetch(client: Client, target: str, repeats: int = FETCH_REPEATS,
                                 text=True)
         bare_target = f"127.0.0.1:{int(bare.stdout.readline())}"
 
-        def fetch(plain: bool) -> dict:
-            return json.loads(subprocess.run(
-                [sys.executable, "-m", "bench.fetch", "--target", target, "--job", job.job_id, "--tiny-job",
-                 tiny.job_id, "--bare-target", bare_target, "--repeats", str(repeats)]
-                + (["--plain-client"] if plain else []), check=True, capture_output=True, text=True,
-                timeout=600).stdout)
-
-        runs: dict[bool, list[dict]] = {False: [], True: []}
-        for _ in range(rounds):     # alternated, so that the machine's drift falls on both alike
-            for plain in (False, True):
-                runs[plain].append(fetch(plain))
-        out, plain_out = ({k: sum((r[k] for r in rs), []) if k.endswith("_s") else rs[0][k] for k in rs[0]}
-                          for rs in (runs[False], runs[True]))
+        out = json.loads(subprocess.run(
+            [sys.executable, "-m", "bench.fetch", "--target", target, "--job", job.job_id, "--tiny-job",
+             tiny.job_id, "--bare-target", bare_target, "--repeats", str(repeats)],
+            check=True, capture_output=True, text=True, timeout=600).stdout)
     finally:
         if bare is not None:
             bare.kill()
@@ -179,13 +163,7 @@ def gradient_fetch(client: Client, target: str, repeats: int = FETCH_REPEATS,
     ceiling.service_ms, ceiling.service_spread_ms = (v * 1e3 for v in _median_iqr(out["bare_s"]))
     ceiling.bytes_per_step = out["bare_nbytes"]
     ceiling.note = f"{rate['bare']:.2f} GB/s"
-    plain = Row("W4 GetGradient, plain gRPC client", 2, job.n_params)
-    plain.service_ms, plain.service_spread_ms = (v * 1e3 for v in _median_iqr(plain_out["held_s"]))
-    plain.bytes_per_step = nbytes
-    plain.note = (f"{nbytes / statistics.median(plain_out['held_s']) / 1e9:.2f} GB/s whole call: gRPC's default "
-                  f"channel (a spin thread reads the stream) and glibc's default malloc; bare gRPC "
-                  f"{out['bare_nbytes'] / statistics.median(plain_out['bare_s']) / 1e9:.2f} GB/s so")
-    return [row, ceiling, plain]
+    return [row, ceiling]
 
 
 def bytes_vs_params(client: Client) -> list[Row]:

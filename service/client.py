@@ -4,10 +4,9 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import grpc
-import grpc.experimental
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -17,20 +16,8 @@ from service.auth import BearerToken
 from service.chunkwire import (GRADIENT_REQUEST_PARAMETERS, SET_PARAMETERS_CHUNK, UPLOAD_DATASET_CHUNK,
                                encode_tensors, passthrough, read_chunk, read_gradient_response)
 from service.tensors import decode_parts
-from workers import memory
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradShard"].full_name
-
-# The tensor fetches (GetParameters, GetGradient) run on a channel of their own whose
-# server-streaming calls are read on the calling thread instead of through a spin thread: a
-# thread hand-off less per message, and the messages' memory is allocated and freed by one
-# thread, so that it can be reused (keep_freed_memory below; the two together took a 4 MB
-# GetGradient from 4.3 to 3.5 ms here, either alone gave nothing; bench/RESULTS.md, W4, has a
-# plain client beside ours). gRPC marks the option experimental; such a call is freed only
-# when its reader takes its last events (_end does after a cancel), and its future methods
-# (code(), result()) refuse to wait: Step and Train, which callers hold and cancel, stay on
-# the main channel.
-FETCH_CHANNEL_OPTIONS = ((grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),)
 
 MODEL_NAMES = {"linear": pb.LINEAR, "logistic": pb.LOGISTIC, "softmax": pb.SOFTMAX, "mlp": pb.MLP}
 DTYPE_NAMES = {"float32": pb.FLOAT32, "float64": pb.FLOAT64}
@@ -49,26 +36,14 @@ def schedule(kind: str = "constant", **fields) -> pb.Schedule:
     return pb.Schedule(kind=SCHEDULE_NAMES[kind], **fields)
 
 
-def _end(call) -> None:
-    """Cancel a streaming call. A call read on the calling thread (FETCH_CHANNEL_OPTIONS) is
-    freed only once its last events are taken, which gRPC leaves to its reader: take them
-    (after a cancel, gRPC completes the call's operations at once). Without that, each early
-    end would keep ~20 KB for good (measured over 3,000 cancelled fetches: 73 MB against 8)."""
-    call.cancel()
-    consume, state = getattr(call, "_consume_next_event", None), getattr(call, "_state", None)
-    if consume is not None and state is not None:       # gRPC's _SingleThreadedRendezvous
-        while state.due:
-            consume()
-
-
 def _read_all(call, read: Callable[[bytes], object]) -> Iterator:
-    """Each raw message of a streaming call, read; the call is ended (_end) if reading fails
-    or the caller stops early (a server's malformed message must not leave the call open)."""
+    """Each raw message of a streaming call, read; the call is cancelled if reading fails or
+    the caller stops early (a server's malformed message must not leave the call open)."""
     try:
         for raw in call:
             yield read(raw)
     except BaseException:
-        _end(call)
+        call.cancel()
         raise
 
 
@@ -100,53 +75,28 @@ class Client:
     """One channel to one coordinator. Metadata comes back as the protobuf messages."""
 
     def __init__(self, address: str, timeout: float | None = None, token: str = "", tls_ca: str = "",
-                 client_cert: str = "", client_key: str = "", keep_freed_memory: bool = True,
-                 single_threaded_fetches: bool = True, channel_options: Sequence[tuple[str, Any]] = ()) -> None:
+                 client_cert: str = "", client_key: str = "") -> None:
         """tls_ca: PEM of the CA that signed the server's certificate (turns TLS on); client_cert and
-        client_key: this client's certificate, for servers that require one; token: the bearer token;
-        channel_options: gRPC channel arguments, for both channels.
-
-        single_threaded_fetches: GetParameters and GetGradient on a second channel whose streams
-        are read on the calling thread (FETCH_CHANNEL_OPTIONS); False: on the main channel.
-
-        keep_freed_memory: set this process's glibc malloc thresholds as the server does
-        (workers/memory.py), unless the environment already sets them. Every tensor fetched
-        arrives as 1 MiB messages in fresh buffers; with glibc's defaults their pages often go
-        back to the kernel after a call and fault in again on the next (70-600 faults per 4 MB
-        fetch here, against about 10 once freed memory is kept). The setting is process-wide and
-        stays: freed blocks under 16 MiB are kept for reuse. Pass False to leave malloc alone.
-        """
-        if keep_freed_memory:
-            memory.keep_freed_memory()
-        creds = None
+        client_key: this client's certificate, for servers that require one; token: the bearer token."""
         if tls_ca:
             creds = grpc.ssl_channel_credentials(
                 root_certificates=Path(tls_ca).read_bytes(),
                 private_key=Path(client_key).read_bytes() if client_key else None,
                 certificate_chain=Path(client_cert).read_bytes() if client_cert else None)
-
-        def open_channel(options: Sequence[tuple[str, Any]]) -> grpc.Channel:
-            options = [*channel_options, *options]
-            return grpc.secure_channel(address, creds, options=options) if creds else \
-                grpc.insecure_channel(address, options=options)
-
-        def authorized(raw: grpc.Channel) -> grpc.Channel:
-            return grpc.intercept_channel(raw, BearerToken(token)) if token else raw
-
-        self.channel = open_channel(())
-        self._fetch_channel = open_channel(FETCH_CHANNEL_OPTIONS) if single_threaded_fetches else None
-        channel = authorized(self.channel)
-        fetch = authorized(self._fetch_channel) if self._fetch_channel is not None else channel
+            self.channel = grpc.secure_channel(address, creds)
+        else:
+            self.channel = grpc.insecure_channel(address)
+        channel = grpc.intercept_channel(self.channel, BearerToken(token)) if token else self.channel
         self.stub = pb_grpc.GradShardStub(channel)
         self.timeout = timeout
         # The two calls that stream tensors out take the raw messages and read each chunk's data
         # as a view of them (service.chunkwire): the protobuf classes would copy it twice more.
         # The calls that send tensors send prepared chunk messages (or messages) the same way.
-        self._get_parameters = fetch.unary_stream(
+        self._get_parameters = channel.unary_stream(
             f"/{SERVICE_NAME}/GetParameters", request_serializer=pb.GetParametersRequest.SerializeToString)
         self._compute_gradient = channel.stream_stream(
             f"/{SERVICE_NAME}/ComputeGradient", request_serializer=passthrough(pb.GradientRequest.SerializeToString))
-        self._get_gradient = fetch.unary_stream(
+        self._get_gradient = channel.unary_stream(
             f"/{SERVICE_NAME}/GetGradient", request_serializer=pb.GetGradientRequest.SerializeToString)
         self._set_parameters = channel.stream_unary(
             f"/{SERVICE_NAME}/SetParameters", request_serializer=passthrough(pb.SetParametersRequest.SerializeToString),
@@ -157,8 +107,6 @@ class Client:
 
     def close(self) -> None:
         self.channel.close()
-        if self._fetch_channel is not None:
-            self._fetch_channel.close()
 
     def __enter__(self) -> "Client":
         return self

@@ -56,16 +56,3 @@ def test_an_operators_malloc_settings_win(monkeypatch):
     monkeypatch.delenv("GLIBC_TUNABLES")
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
     assert operator_settings() and keep_freed_memory() is False
-
-
-def test_a_client_keeps_freed_memory_unless_told_not_to(monkeypatch):
-    # The Python client sets the thresholds when it is made (its fetches allocate 1 MiB
-    # messages and a fresh array each time); keep_freed_memory=False leaves malloc alone.
-    import workers.memory
-    from service.client import Client
-    calls = []
-    monkeypatch.setattr(workers.memory, "keep_freed_memory", lambda: calls.append(1) or True)
-    Client("127.0.0.1:1").close()                     # no call is made: nothing connects
-    assert calls == [1]
-    Client("127.0.0.1:1", keep_freed_memory=False).close()
-    assert calls == [1]

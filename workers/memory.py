@@ -17,9 +17,7 @@ changes if MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ is set, or GLIBC_TUN
 glibc.malloc.mmap_threshold or glibc.malloc.trim_threshold; other C libraries are left alone.
 
 This changes the whole process for good, so it is called where a process starts: the
-server's `serve`, the CLI's embedded coordinator, the benchmarks, and each shard actor; and
-by the Python client when it is made (`Client(keep_freed_memory=False)` opts out), since its
-fetches allocate the same buffers in the caller's process.
+server's `serve`, the CLI's embedded coordinator, the benchmarks, and each shard actor.
 """
 from __future__ import annotations
 
