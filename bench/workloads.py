@@ -155,7 +155,7 @@ def gradient_fetch(client: Client, target: str, repeats: int = 30) -> list[Row]:
     row = Row("W4 gradient fetch (GetGradient), 1M float32", 2, job.n_params)
     row.service_ms, row.service_spread_ms = (v * 1e3 for v in _median_iqr(out["held_s"]))
     row.bytes_per_step = nbytes
-    row.note = (f"{rate['held']:.2f} GB/s whole call; "
+    row.note = (f"{rate['held']:.2f} GB/s whole call, {rate['held'] / rate['bare']:.0%} of the bare ceiling's; "
                 f"ComputeGradient {rate['gradient']:.2f} GB/s whole call (compute excluded), {rate['stream']:.2f} "
                 f"GB/s its stream after the summary, {statistics.median(out['tiny_s']) * 1e3:.2f} ms on 30 "
                 f"parameters; GetParameters {rate['params']:.2f} GB/s")
