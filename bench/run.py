@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(a.write, "w") as f:
             f.write(f"# Benchmark results\n\nMachine: {w.machine()}\n\nRun: `python -m bench.run --write {a.write}` "
                     f"on {time.strftime('%Y-%m-%d', time.gmtime())}. Times are medians over 20 steps after 5 "
-                    f"warm-up steps (W3: 200 steps, W4: 30 fetches of each kind); IQR in brackets. The reference is the same "
-                    f"math in this process (numpy, all cores).\n\n{out}\n")
+                    f"warm-up steps (W3: 200 steps, W4: 30 fetches of each kind); IQR in brackets. The reference "
+                    f"is the same math in this process (numpy, all cores).\n\n{out}\n")
     return 0
 
 
