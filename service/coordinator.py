@@ -38,9 +38,9 @@ T = TypeVar("T")
 
 def private_copies(pieces: list[np.ndarray]) -> list[np.ndarray]:
     """The default read of lent slices (ShardGroup.lend): arrays of the caller's own. A slice
-    that came over a line or through Ray, or from an in-process shard's copy, is already its
-    own (writeable, owning its memory); a view of a shard's memory is read-only: copied."""
-    return [p if p.flags.writeable and p.flags.owndata else np.array(p) for p in pieces]
+    read off a line into fresh memory, or an in-process shard's copy, is already the caller's
+    (writeable); a view of a shard's memory, or of Ray's object store, is read-only: copied."""
+    return [p if p.flags.writeable else np.array(p) for p in pieces]
 
 
 def _read_lent(read: Callable[[list[np.ndarray]], T], lent: list[np.ndarray]) -> T:

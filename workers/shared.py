@@ -4,7 +4,8 @@ Gathering a 1M-parameter vector from two shards over their lines (workers.channe
 1.75 ms of a 5 ms GetGradient call here: each shard copies its slice, writes it to a
 socket, the coordinator reads it back. A shard on the coordinator's node instead keeps
 theta and its gradient in an anonymous memory file (memfd); the coordinator maps that
-file read-only through /proc/<shard pid>/fd/<fd> and copies the slice straight out.
+file read-only through /proc/<shard pid>/fd/<fd> and reads the slice straight out of it
+(copies it, or encodes the gRPC messages from it: service.shard_group.RayShardGroup.lend).
 
 That read is safe only while the shard writes neither array: the coordinator reads
 under the job's lock, when no call to the shard is in flight (a shard writes theta and
