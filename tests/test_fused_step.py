@@ -1,6 +1,8 @@
 """The fused step of the dense models (backward, update and the next forward in one pass
 over the shard's columns) gives bitwise what the separate calls give, and puts everything
-back when a gradient block is not finite. Plain numpy shards: no Ray, no gRPC."""
+back when a gradient block is not finite; every path of a step refuses a gradient that is
+not finite and applies a finite one whose squared norm overflows. Plain numpy shards: no
+Ray, no gRPC."""
 from __future__ import annotations
 
 import numpy as np
@@ -120,3 +122,55 @@ def test_column_blocks_cover_the_slice_in_order():
     assert blocks[0].start == 0 and blocks[-1].stop == math.d
     assert all(a.stop == b.start for a, b in zip(blocks, blocks[1:]))
     assert {b.stop - b.start for b in blocks[:-1]} == {6}
+
+
+def step_by(path: str, shard: Shard, token: int, dZ: np.ndarray, lr: float) -> float:
+    """Step 1 on the forward `token` the way the coordinator takes `path`; the squared norm reported."""
+    if path == "fused":                  # backward, update and the next forward in one pass (dense models)
+        return shard.backward_apply(token, dZ, 1, lr, next_token=token + 1)[0]
+    if path == "backward_apply":         # one call, no next forward
+        return shard.backward_apply(token, dZ, 1, lr)[0]
+    sqnorm = shard.backward(token, dZ)[0]  # global clipping: the norm goes out, then apply()
+    shard.apply(1, lr)
+    return sqnorm
+
+
+@pytest.mark.parametrize("path", ["fused", "backward_apply", "backward then apply"])
+def test_a_finite_gradient_whose_squared_norm_overflows_is_applied(path):
+    """The shards prove a gradient finite from its squared norm; an infinite norm of finite
+    values must still be applied, as a check of every element finds."""
+    shard, reference = shard_pair("softmax", 3, "float32", OptimizerConfig("sgd"))
+    for s in (shard, reference):
+        s.X = s.X.copy()
+        s.X[:, 40] = 1e19                # gradient ~1e19: finite in float32, its square is not
+    Z, _, _ = shard.forward(1)
+    reference.forward(1)
+    dZ = np.full_like(Z, 0.5)
+    grad = reference.backward(1, dZ, want_grad=True)[1]
+    assert np.all(np.isfinite(grad)) and not np.isfinite(np.vdot(grad, grad))
+    theta = shard.theta.copy()
+    with np.errstate(over="ignore"):
+        sqnorm = step_by(path, shard, 1, dZ, 1e-20)
+    assert sqnorm == np.inf and shard.step == 1
+    np.testing.assert_array_equal(shard.theta, theta - np.float32(1e-20) * grad)
+    assert not np.array_equal(shard.theta, theta)
+
+
+@pytest.mark.parametrize("path", ["fused", "backward_apply", "backward then apply"])
+@pytest.mark.parametrize("kind", ["softmax", "mlp"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_a_gradient_with_a_nan_is_refused_on_every_path(path, kind):
+    if kind == "mlp":
+        spec = ModelSpec("mlp", 12, 3, 8)
+        shard = Shard(spec, spec.plan(2), 1, "float32", seed=3)
+        shard.load(DataSpec("synthetic", rows=ROWS, seed=5))
+    else:
+        shard, _ = shard_pair(kind, 3, "float32", OptimizerConfig("sgd"))
+    shard.X = shard.X.copy()
+    shard.X[2, 5] = np.nan
+    Z, _, _ = shard.forward(1)
+    theta = shard.theta.copy()
+    with pytest.raises(ValueError, match="not finite; nothing was applied"):
+        step_by(path, shard, 1, np.full_like(Z, 0.5), 0.1)
+    np.testing.assert_array_equal(shard.theta, theta)
+    assert shard.step == 0

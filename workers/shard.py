@@ -3,6 +3,7 @@ calls of one synchronized step. The Ray actor (workers.actor) is a thin wrapper.
 numpy only."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -46,6 +47,7 @@ class Shard:
         self.optimizer = Optimizer(optimizer)  # its state covers this slice only
         self.step = 0                          # optimizer steps applied to this slice
         self._undo: list[np.ndarray] = []      # copies a fused step takes of theta and the optimizer state
+        self._grad_sqnorm: float | None = None  # |grad|^2 as backward() wrote it, until it is applied
 
     def _kept(self, name: str, a: np.ndarray) -> np.ndarray:
         """The array kept as self.<name> for the shard's life (theta and grad are only ever
@@ -113,9 +115,12 @@ class Shard:
         t0 = time.perf_counter()
         _, th, Xb, cache = self._take(token)
         grad = np.empty_like(th) if want_grad or th.dtype != self.grad.dtype else self.grad
+        self._grad_sqnorm = None
         self.math.backward(th, Xb, dZ, cache, out=grad)
         self._pending = None       # the batch's copies and activations can go now
         sqnorm = float(np.vdot(grad, grad))
+        if grad is self.grad:
+            self._grad_sqnorm = sqnorm
         return sqnorm, (grad if want_grad else None), time.perf_counter() - t0
 
     def apply(self, step: int, lr: float, scale: float = 1.0, next_token: int | None = None,
@@ -134,7 +139,8 @@ class Shard:
             return 0.0
         if step != self.step + 1:
             raise RuntimeError(f"shard {self.index} is at step {self.step}, asked to apply step {step}")
-        if not np.all(np.isfinite(self.grad)):
+        sqnorm, self._grad_sqnorm = self._grad_sqnorm, None
+        if not self._grad_finite(sqnorm):
             raise ValueError(f"shard {self.index}: the gradient of step {step} is not finite; nothing was applied")
         if scale != 1.0:
             self.grad *= scale
@@ -174,18 +180,28 @@ class Shard:
         try:
             saved = self._save_state()
             before = opt.begin(self.theta)
+            self._grad_sqnorm = None
             Z = self.math.backward_update_forward(self.theta, self.X, dZ, self.grad,
                                                   lambda block: opt.update_block(self.theta, self.grad, lr, block))
-            if not np.all(np.isfinite(self.grad)):
+            sqnorm = float(np.vdot(self.grad, self.grad))
+            if not self._grad_finite(sqnorm):
                 raise ValueError(f"shard {self.index}: the gradient of step {step} is not finite; nothing was applied")
         except BaseException:
             opt.rollback(before)
             self._restore_state(saved)
             raise
         self.step = step
-        sqnorm = float(np.vdot(self.grad, self.grad))
         self._pending = (next_token, self.theta, self.X, None)
         return sqnorm, None, time.perf_counter() - t0, (Z, self.math.penalty(self.theta), 0.0)
+
+    def _grad_finite(self, sqnorm: float | None) -> bool:
+        """self.grad holds no NaN and no infinity. Its squared norm, when known and finite,
+        proves it without another pass over the slice (0.1 ms of a 6 ms MLP step here): a NaN
+        or an infinity makes the sum NaN or infinite. An infinite sum may also be finite
+        values whose squares overflow, so then each element is checked."""
+        if sqnorm is not None and math.isfinite(sqnorm):
+            return True
+        return bool(np.all(np.isfinite(self.grad)))
 
     def _save_state(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """(live array, a copy of it) for theta and the optimizer state; the copies' memory is kept between steps."""
