@@ -23,6 +23,19 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+def write_keeping_notes(path: str, head: str) -> None:
+    """Write `head` as the file's first section; the file's own sections after it (from its
+    first "## " heading: earlier runs, what was tried) stay as they were."""
+    notes = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            text = f.read()
+        at = text.find("\n## ")
+        notes = "" if at < 0 else text[at:]
+    with open(path, "w") as f:
+        f.write(head + notes)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gradshard bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,11 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(out)
     if a.write:
-        with open(a.write, "w") as f:
-            f.write(f"# Benchmark results\n\nMachine: {w.machine()}\n\nRun: `python -m bench.run --write {a.write}` "
-                    f"on {time.strftime('%Y-%m-%d', time.gmtime())}. Times are medians over 20 steps after 5 "
-                    f"warm-up steps (W3: 200 steps, W4: 30 fetches of each kind); IQR in brackets. The reference "
-                    f"is the same math in this process (numpy, all cores).\n\n{out}\n")
+        head = (f"# Benchmark results\n\nMachine: {w.machine()}\n\nRun: `python -m bench.run --write {a.write}` on "
+                f"{time.strftime('%Y-%m-%d', time.gmtime())}. W1, W2: medians over 5 rounds, each of 10 steps of the "
+                f"service (after 3 warm-up steps) and then 10 of the reference (after 3 more), so that both "
+                f"meet the same minutes of the machine; W3: 200 steps; W4: 30 fetches of each kind; IQR in "
+                f"brackets. The reference is the same math in this process (numpy, all cores).\n\n{out}\n")
+        write_keeping_notes(a.write, head)
     return 0
 
 

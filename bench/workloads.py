@@ -47,42 +47,64 @@ def _median_iqr(values: list[float]) -> tuple[float, float]:
     return statistics.median(values), q[2] - q[0]
 
 
-def reference_step_ms(spec: ModelSpec, rows: int, seed: int, y: np.ndarray, steps: int, warmup: int = 3) -> float:
-    """One process, all parameters: forward, loss and dZ, backward, SGD update (median ms)."""
-    math_ = shard_math(spec, Slice(0, spec.n_units), True)
-    theta = init_theta(spec, Slice(0, spec.n_units), True, seed, np.float32)
-    columns = Slice(0, spec.n_features)
-    X = synthetic_inputs(seed, rows, columns, np.float32)
-    grad = np.empty_like(theta)
-    times = []
-    for k in range(warmup + steps):
-        t0 = time.perf_counter()
-        Z, cache = math_.forward(theta, X)
-        _, dZ = loss_and_dZ(spec.loss, Z, y)
-        math_.backward(theta, X, dZ, cache, out=grad)
-        np.vdot(grad, grad)
-        theta -= 0.01 * grad
-        if k >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+class ReferenceStep:
+    """One process, all parameters: forward, loss and dZ, backward, SGD update (numpy, all cores)."""
+
+    def __init__(self, spec: ModelSpec, rows: int, seed: int, y: np.ndarray) -> None:
+        self.spec, self.y = spec, y
+        self.math = shard_math(spec, Slice(0, spec.n_units), True)
+        self.theta = init_theta(spec, Slice(0, spec.n_units), True, seed, np.float32)
+        self.X = synthetic_inputs(seed, rows, Slice(0, spec.n_features), np.float32)
+        self.grad = np.empty_like(self.theta)
+
+    def run(self, steps: int, warmup: int) -> list[float]:
+        """Seconds of each of `steps` steps after `warmup` more."""
+        times = []
+        for k in range(warmup + steps):
+            t0 = time.perf_counter()
+            Z, cache = self.math.forward(self.theta, self.X)
+            _, dZ = loss_and_dZ(self.spec.loss, Z, self.y)
+            self.math.backward(self.theta, self.X, dZ, cache, out=self.grad)
+            np.vdot(self.grad, self.grad)
+            self.theta -= 0.01 * self.grad
+            if k >= warmup:
+                times.append(time.perf_counter() - t0)
+        return times
+
+
+# OpenBLAS's threads spin for about 0.1 s after a product (measured here: one core busy for
+# 100 ms after the reference's last step), which would take a core from the shards' next steps.
+BLAS_SPIN_S = 0.25
 
 
 def step_workload(client: Client, name: str, model: str, features: int, outputs: int, hidden: int, rows: int,
-                  shards: int, steps: int = 20, warmup: int = 5, seed: int = 0, reference: bool = True) -> Row:
+                  shards: int, rounds: int = 5, steps: int = 10, warmup: int = 3, seed: int = 0,
+                  reference: bool = True) -> Row:
+    """The service's step and the reference's, measured in alternated blocks.
+
+    Each of `rounds` rounds runs one Step call of warmup + steps steps on the service, then
+    as many reference steps, and keeps the last `steps` of each: the machine's drift from one
+    second to the next (tens of percent on this VM) falls on both sides alike, instead of on
+    whichever ran in a worse minute. Medians and IQRs are over the kept steps of all rounds.
+    """
     job = client.create_job(model, features=features, outputs=outputs, hidden=hidden, rows=rows, shards=shards,
                             seed=seed, learning_rate=0.01, batch_size=0)
     try:
-        list(client.step(job.job_id, warmup))
-        reports = list(client.step(job.job_id, steps))
+        ref = ReferenceStep(ModelSpec(model, features, outputs, hidden), rows, seed, _labels(client, job)) \
+            if reference else None
+        reports, ref_times = [], []
+        for _ in range(rounds):
+            reports += list(client.step(job.job_id, warmup + steps))[warmup:]
+            if ref is not None:
+                ref_times += ref.run(steps, warmup)
+                time.sleep(BLAS_SPIN_S)
         row = Row(name, shards, job.n_params)
         row.service_ms, row.service_spread_ms = (v * 1e3 for v in _median_iqr([r.seconds for r in reports]))
         row.shard_ms = [statistics.median(r.shard_seconds[s] for r in reports) * 1e3 for s in range(shards)]
         row.overhead_ms = statistics.median(r.seconds - max(r.shard_seconds) for r in reports) * 1e3
         row.bytes_per_step = reports[-1].bytes_to_shards + reports[-1].bytes_from_shards
-        if reference:
-            spec = ModelSpec(model, features, outputs, hidden)
-            y = _labels(client, job)
-            row.reference_ms = reference_step_ms(spec, rows, seed, y, steps)
+        if ref is not None:
+            row.reference_ms = statistics.median(ref_times) * 1e3
         return row
     finally:
         client.delete_job(job.job_id)
@@ -170,8 +192,8 @@ def bytes_vs_params(client: Client) -> list[Row]:
     """W5: bytes per step at a fixed batch for 10^5, 10^6 and 10^7 parameters."""
     rows = []
     for n in (100_000, 1_000_000, 10_000_000):
-        r = step_workload(client, f"W5 logistic {n:,} params", "logistic", n - 1, 1, 0, 16, 2, steps=3, warmup=1,
-                          reference=False)
+        r = step_workload(client, f"W5 logistic {n:,} params", "logistic", n - 1, 1, 0, 16, 2, rounds=1, steps=3,
+                          warmup=1, reference=False)
         rows.append(r)
     return rows
 

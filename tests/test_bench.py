@@ -1,0 +1,58 @@
+"""The benchmark harness (bench/): its reference is the service's math, its step workload
+measures both sides in rounds, and `--write` keeps a results file's notes. A real server on
+a real Ray; the figures themselves are never asserted (they belong to bench/RESULTS.md)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench import workloads
+from bench.run import write_keeping_notes
+from workers.models import ModelSpec
+
+MLP = dict(features=20, outputs=3, hidden=8, rows=16)
+
+
+@pytest.fixture
+def harness(server, monkeypatch):
+    monkeypatch.setattr(workloads, "COORDINATOR", server[1])   # the labels come from the coordinator
+    monkeypatch.setattr(workloads, "BLAS_SPIN_S", 0.0)
+
+
+@pytest.mark.parametrize("model,hidden", [("mlp", 8), ("logistic", 0)])
+def test_the_reference_step_is_the_services_step(harness, client, server, model, hidden):
+    """Five full-batch SGD steps at learning rate 0.01 give the same parameters on both sides."""
+    shape = dict(MLP, outputs=1 if model == "logistic" else 3, hidden=hidden)
+    job = client.create_job(model, shards=2, seed=4, learning_rate=0.01, batch_size=0, **shape)
+    try:
+        spec = ModelSpec(model, shape["features"], shape["outputs"], hidden)
+        ref = workloads.ReferenceStep(spec, shape["rows"], 4, server[1].jobs.get(job.job_id).y)
+        before = client.get_params(job.job_id, flat=True)["flat"]
+        np.testing.assert_array_equal(ref.theta, before)
+        list(client.step(job.job_id, 5))
+        assert len(ref.run(steps=4, warmup=1)) == 4
+        after = client.get_params(job.job_id, flat=True)["flat"]
+        assert np.abs(after - before).max() > 1e-4                 # the steps moved the parameters
+        np.testing.assert_allclose(ref.theta, after, rtol=1e-5, atol=1e-6)
+    finally:
+        client.delete_job(job.job_id)
+
+
+def test_the_step_workload_keeps_the_measured_steps_of_every_round(harness, client, server):
+    row = workloads.step_workload(client, "tiny MLP", "mlp", shards=2, rounds=3, steps=4, warmup=2, **MLP)
+    assert row.workload == "tiny MLP" and row.shards == 2 and row.n_params == 8 * (20 + 1 + 3) + 3
+    assert row.service_ms > 0 and row.reference_ms > 0 and row.service_spread_ms >= 0
+    assert len(row.shard_ms) == 2 and all(0 < t <= row.service_ms for t in row.shard_ms)
+    # DESIGN.md's byte count of a full-batch step with the next forward prefetched: dZ (16 x 3
+    # float32) to each shard; Z_s and two 8-byte scalars back from each
+    dz = MLP["rows"] * MLP["outputs"] * 4
+    assert row.bytes_per_step == 2 * dz + 2 * (dz + 16) + 2 * 16
+
+
+def test_write_keeps_the_notes_after_the_first_section(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    write_keeping_notes(str(path), "# Benchmark results\n\nold table\n")
+    assert path.read_text() == "# Benchmark results\n\nold table\n"
+    path.write_text(path.read_text() + "\n## Earlier runs\n\nrun A: 1.05\n")
+    write_keeping_notes(str(path), "# Benchmark results\n\nnew table\n")
+    assert path.read_text() == "# Benchmark results\n\nnew table\n\n## Earlier runs\n\nrun A: 1.05\n"
