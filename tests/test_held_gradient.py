@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 import reference as ref
+from processes import wait_until_gone
 from service.coordinator import Coordinator
 from service.errors import FailedPrecondition
 from service.jobs import JobConfig
 from service.shard_group import LocalShardGroup
-from test_lifecycle import wait_until_gone
 from workers.data import batch_rows
 from workers.shard import DataSpec
 

@@ -5,6 +5,7 @@ import grpc
 import numpy as np
 import pytest
 
+from processes import wait_until_gone
 from service.client import optimizer
 from service.coordinator import Coordinator
 from service.errors import FailedPrecondition, NotFound
@@ -47,19 +48,6 @@ def test_a_dead_shard_is_replaced_and_the_call_answers_unavailable_once(client, 
     described = client.get_job(job.job_id)
     assert not described.error and [s.step for s in described.shards] == [3, 3]
     client.delete_job(job.job_id)
-
-
-def wait_until_gone(pid, timeout_s=30.0):
-    import os
-    import time
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"process {pid} is still there after {timeout_s} s")
 
 
 def pids(server, job_id):
