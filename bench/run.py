@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
+import textwrap
 import time
 
 def table(rows) -> str:
@@ -25,15 +28,36 @@ def table(rows) -> str:
 
 def write_keeping_notes(path: str, head: str) -> None:
     """Write `head` as the file's first section; the file's own sections after it (from its
-    first "## " heading: earlier runs, what was tried) stay as they were."""
+    first line starting "## ": earlier runs, what was tried) stay as they were. Written to a
+    temporary file first, so a failed write leaves the old file whole."""
     notes = ""
     if os.path.exists(path):
         with open(path) as f:
             text = f.read()
-        at = text.find("\n## ")
-        notes = "" if at < 0 else text[at:]
-    with open(path, "w") as f:
+        first = re.search(r"(?m)^## ", text)
+        notes = "" if first is None else "\n" + text[first.start():]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
         f.write(head + notes)
+    os.replace(tmp, path)
+
+
+def run_description(path: str) -> str:
+    """How the table was made, for the head of the results file."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:               # no git: an installed copy
+        commit = ""
+    text = (f"Run: `python -m bench.run --write {path}` on {time.strftime('%Y-%m-%d', time.gmtime())}"
+            f"{f' at {commit}' if commit else ''}. W1, W2: 5 rounds, each of 10 service steps (kept from a Step "
+            f"call of 14: the first 3 warm up and the last runs no next forward) and then 10 reference steps (after "
+            f"3 more); medians over the kept steps of all rounds, IQR in brackets; the ratio is the median of the "
+            f"rounds' ratios, so that both sides of each meet the same seconds of the machine. W3: 200 steps; W4: "
+            f"30 fetches of each kind. The reference is the same math in this process (numpy, all cores; for W1 the "
+            f"plain two-pass step). W4's client and its ceiling's server each run in a process of their own "
+            f"(`bench/fetch.py`).")
+    return textwrap.fill(text, 95)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,11 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(out)
     if a.write:
-        head = (f"# Benchmark results\n\nMachine: {w.machine()}\n\nRun: `python -m bench.run --write {a.write}` on "
-                f"{time.strftime('%Y-%m-%d', time.gmtime())}. W1, W2: medians over 5 rounds, each of 10 steps of the "
-                f"service (after 3 warm-up steps) and then 10 of the reference (after 3 more), so that both "
-                f"meet the same minutes of the machine; W3: 200 steps; W4: 30 fetches of each kind; IQR in "
-                f"brackets. The reference is the same math in this process (numpy, all cores).\n\n{out}\n")
+        head = f"# Benchmark results\n\nMachine: {w.machine()}\n\n{run_description(a.write)}\n\n{out}\n"
         write_keeping_notes(a.write, head)
     return 0
 

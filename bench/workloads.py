@@ -36,9 +36,16 @@ class Row:
     overhead_ms: float = 0.0            # service step minus the slowest shard's compute
     bytes_per_step: int = 0
     note: str = ""
+    samples: int = 0                    # service steps (or fetches) the medians are over
+    round_ratios: list[float] = field(default_factory=list)   # W1, W2: service / reference, round by round
 
     @property
     def ratio(self) -> float:
+        """The median of the rounds' ratios when the two sides ran in rounds (each round's
+        service and reference steps met the same seconds of the machine); else the ratio of
+        the medians."""
+        if self.round_ratios:
+            return statistics.median(self.round_ratios)
         return self.service_ms / self.reference_ms if self.reference_ms else float("nan")
 
 
@@ -82,29 +89,36 @@ def step_workload(client: Client, name: str, model: str, features: int, outputs:
                   reference: bool = True) -> Row:
     """The service's step and the reference's, measured in alternated blocks.
 
-    Each of `rounds` rounds runs one Step call of warmup + steps steps on the service, then
-    as many reference steps, and keeps the last `steps` of each: the machine's drift from one
-    second to the next (tens of percent on this VM) falls on both sides alike, instead of on
-    whichever ran in a worse minute. Medians and IQRs are over the kept steps of all rounds.
+    Each of `rounds` rounds runs one Step call of warmup + steps + 1 steps on the service and
+    keeps `steps` of them, then runs warmup + steps reference steps and keeps the last `steps`:
+    the machine's drift from one second to the next (tens of percent on this VM) falls on both
+    sides alike, instead of on whichever ran in a worse minute. A Step call's first step also
+    runs its own forward and its last runs none (the others run the next step's forward in
+    their update call), so neither is kept. Medians and IQRs are over the kept steps of all
+    rounds; the ratio is the median of the rounds' ratios of medians.
     """
     job = client.create_job(model, features=features, outputs=outputs, hidden=hidden, rows=rows, shards=shards,
                             seed=seed, learning_rate=0.01, batch_size=0)
     try:
         ref = ReferenceStep(ModelSpec(model, features, outputs, hidden), rows, seed, _labels(client, job)) \
             if reference else None
-        reports, ref_times = [], []
+        reports, ref_times, ratios = [], [], []
         for _ in range(rounds):
-            reports += list(client.step(job.job_id, warmup + steps))[warmup:]
+            kept = list(client.step(job.job_id, warmup + steps + 1))[warmup:-1]
+            reports += kept
             if ref is not None:
-                ref_times += ref.run(steps, warmup)
+                times = ref.run(steps, warmup)
+                ref_times += times
+                ratios.append(statistics.median(r.seconds for r in kept) / statistics.median(times))
                 time.sleep(BLAS_SPIN_S)
-        row = Row(name, shards, job.n_params)
+        row = Row(name, shards, job.n_params, samples=len(reports), round_ratios=ratios)
         row.service_ms, row.service_spread_ms = (v * 1e3 for v in _median_iqr([r.seconds for r in reports]))
         row.shard_ms = [statistics.median(r.shard_seconds[s] for r in reports) * 1e3 for s in range(shards)]
         row.overhead_ms = statistics.median(r.seconds - max(r.shard_seconds) for r in reports) * 1e3
         row.bytes_per_step = reports[-1].bytes_to_shards + reports[-1].bytes_from_shards
         if ref is not None:
             row.reference_ms = statistics.median(ref_times) * 1e3
+            row.note = f"ratio: median of {rounds} rounds' ({min(ratios):.2f}–{max(ratios):.2f})"
         return row
     finally:
         client.delete_job(job.job_id)
@@ -199,10 +213,12 @@ def bytes_vs_params(client: Client) -> list[Row]:
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
+    cpu, virtual = "unknown CPU", False
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            lines = f.read().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        virtual = any(line.startswith("flags") and " hypervisor" in line for line in lines)
     except (OSError, StopIteration):
         pass
     import os
@@ -211,4 +227,5 @@ def machine() -> str:
     import ray
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
     return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB; Python {platform.python_version()}, numpy "
-            f"{np.__version__}, Ray {ray.__version__}, grpcio {grpc.__version__}")
+            f"{np.__version__}, Ray {ray.__version__}, grpcio {grpc.__version__}"
+            + (" (a virtual machine)" if virtual else ""))

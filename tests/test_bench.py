@@ -3,6 +3,8 @@ measures both sides in rounds, and `--write` keeps a results file's notes. A rea
 a real Ray; the figures themselves are never asserted (they belong to bench/RESULTS.md)."""
 from __future__ import annotations
 
+import statistics
+
 import numpy as np
 import pytest
 
@@ -38,8 +40,16 @@ def test_the_reference_step_is_the_services_step(harness, client, server, model,
         client.delete_job(job.job_id)
 
 
-def test_the_step_workload_keeps_the_measured_steps_of_every_round(harness, client, server):
+def test_the_step_workload_keeps_the_measured_steps_of_every_round(harness, client, server, monkeypatch):
+    asked, runs = [], []
+    step, run = client.step, workloads.ReferenceStep.run
+    monkeypatch.setattr(client, "step", lambda job_id, n: asked.append(n) or step(job_id, n))
+    monkeypatch.setattr(workloads.ReferenceStep, "run",
+                        lambda self, steps, warmup: runs.append((steps, warmup)) or run(self, steps, warmup))
     row = workloads.step_workload(client, "tiny MLP", "mlp", shards=2, rounds=3, steps=4, warmup=2, **MLP)
+    # each round: a Step call of warm-up + kept + 1 (its last step runs no next forward), 4 of them kept
+    assert asked == [2 + 4 + 1] * 3 and runs == [(4, 2)] * 3 and row.samples == 3 * 4
+    assert len(row.round_ratios) == 3 and row.ratio == statistics.median(row.round_ratios)
     assert row.workload == "tiny MLP" and row.shards == 2 and row.n_params == 8 * (20 + 1 + 3) + 3
     assert row.service_ms > 0 and row.reference_ms > 0 and row.service_spread_ms >= 0
     assert len(row.shard_ms) == 2 and all(0 < t <= row.service_ms for t in row.shard_ms)
@@ -53,6 +63,14 @@ def test_write_keeps_the_notes_after_the_first_section(tmp_path):
     path = tmp_path / "RESULTS.md"
     write_keeping_notes(str(path), "# Benchmark results\n\nold table\n")
     assert path.read_text() == "# Benchmark results\n\nold table\n"
-    path.write_text(path.read_text() + "\n## Earlier runs\n\nrun A: 1.05\n")
+    path.write_text(path.read_text() + "\n## Earlier runs\n\nrun A: 1.05\n\n## More\n")
     write_keeping_notes(str(path), "# Benchmark results\n\nnew table\n")
-    assert path.read_text() == "# Benchmark results\n\nnew table\n\n## Earlier runs\n\nrun A: 1.05\n"
+    assert path.read_text() == "# Benchmark results\n\nnew table\n\n## Earlier runs\n\nrun A: 1.05\n\n## More\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["RESULTS.md"]      # no temporary file left
+
+
+def test_write_keeps_a_file_that_is_all_notes(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    path.write_text("## Notes\n\nkeep me\n")
+    write_keeping_notes(str(path), "# Benchmark results\n\ntable\n")
+    assert path.read_text() == "# Benchmark results\n\ntable\n\n## Notes\n\nkeep me\n"

@@ -126,7 +126,7 @@ def test_column_blocks_cover_the_slice_in_order():
 
 def step_by(path: str, shard: Shard, token: int, dZ: np.ndarray, lr: float) -> float:
     """Step 1 on the forward `token` the way the coordinator takes `path`; the squared norm reported."""
-    if path == "fused":                  # backward, update and the next forward in one pass (dense models)
+    if path == "with next forward":      # the dense models fuse it into one pass; the MLP runs the calls in turn
         return shard.backward_apply(token, dZ, 1, lr, next_token=token + 1)[0]
     if path == "backward_apply":         # one call, no next forward
         return shard.backward_apply(token, dZ, 1, lr)[0]
@@ -135,7 +135,7 @@ def step_by(path: str, shard: Shard, token: int, dZ: np.ndarray, lr: float) -> f
     return sqnorm
 
 
-@pytest.mark.parametrize("path", ["fused", "backward_apply", "backward then apply"])
+@pytest.mark.parametrize("path", ["with next forward", "backward_apply", "backward then apply"])
 def test_a_finite_gradient_whose_squared_norm_overflows_is_applied(path):
     """The shards prove a gradient finite from its squared norm; an infinite norm of finite
     values must still be applied, as a check of every element finds."""
@@ -156,7 +156,7 @@ def test_a_finite_gradient_whose_squared_norm_overflows_is_applied(path):
     assert not np.array_equal(shard.theta, theta)
 
 
-@pytest.mark.parametrize("path", ["fused", "backward_apply", "backward then apply"])
+@pytest.mark.parametrize("path", ["with next forward", "backward_apply", "backward then apply"])
 @pytest.mark.parametrize("kind", ["softmax", "mlp"])
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
 def test_a_gradient_with_a_nan_is_refused_on_every_path(path, kind):
@@ -174,3 +174,62 @@ def test_a_gradient_with_a_nan_is_refused_on_every_path(path, kind):
         step_by(path, shard, 1, np.full_like(Z, 0.5), 0.1)
     np.testing.assert_array_equal(shard.theta, theta)
     assert shard.step == 0
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_a_clients_gradient_does_not_vouch_for_the_kept_one():
+    """A step's backward keeps a gradient with a NaN; a client's gradient (fresh memory, finite)
+    computed before the step's apply() must not stand in for it."""
+    shard, _ = shard_pair("softmax", 3, "float32", OptimizerConfig("sgd"))
+    shard.X = shard.X.copy()
+    shard.X[2, 5] = np.nan
+    Z, _, _ = shard.forward(1)
+    shard.backward(1, np.full_like(Z, 0.5))                     # the step's: kept, with NaN
+    clean = np.array([r for r in range(ROWS) if r != 2])
+    Z2, _, _ = shard.forward(2, clean)
+    sqnorm, grad, _ = shard.backward(2, np.full_like(Z2, 0.5), want_grad=True)
+    assert np.isfinite(sqnorm) and np.all(np.isfinite(grad))
+    theta = shard.theta.copy()
+    with pytest.raises(ValueError, match="not finite; nothing was applied"):
+        shard.apply(1, 0.1)
+    np.testing.assert_array_equal(shard.theta, theta)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_a_failed_fused_step_leaves_no_norm_behind():
+    """A finite backward, then a fused step that fails on a NaN and leaves it in the kept
+    gradient: the earlier norm must not let a later apply() take that gradient."""
+    shard, _ = shard_pair("softmax", 3, "float32", OptimizerConfig("sgd"))
+    Z, _, _ = shard.forward(1)
+    assert np.isfinite(shard.backward(1, np.full_like(Z, 0.5))[0])
+    shard.forward(2)
+    with pytest.raises(ValueError, match="not finite; nothing was applied"):
+        shard.backward_apply(2, np.full_like(Z, np.nan), 1, 0.1, next_token=3)
+    assert not np.all(np.isfinite(shard.grad))
+    theta = shard.theta.copy()
+    with pytest.raises(ValueError, match="not finite; nothing was applied"):
+        shard.apply(1, 0.1)
+    np.testing.assert_array_equal(shard.theta, theta)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_a_backward_that_fails_midway_leaves_no_norm_behind(monkeypatch):
+    """A backward that raises after writing part of the kept gradient (a fake math whose
+    backward writes a NaN and raises: the test is about the shard's bookkeeping) must not
+    leave the previous backward's norm to vouch for what is there now."""
+    shard, _ = shard_pair("softmax", 3, "float32", OptimizerConfig("sgd"))
+    Z, _, _ = shard.forward(1)
+    assert np.isfinite(shard.backward(1, np.full_like(Z, 0.5))[0])
+    shard.forward(2)
+
+    def fails_midway(theta, X, dZ, cache, out):
+        out[7] = np.nan
+        raise RuntimeError("out of memory halfway")
+
+    monkeypatch.setattr(shard.math, "backward", fails_midway)
+    with pytest.raises(RuntimeError, match="halfway"):
+        shard.backward(2, np.full_like(Z, 0.5))
+    theta = shard.theta.copy()
+    with pytest.raises(ValueError, match="not finite; nothing was applied"):
+        shard.apply(1, 0.1)
+    np.testing.assert_array_equal(shard.theta, theta)
