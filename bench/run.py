@@ -44,15 +44,16 @@ def write_keeping_notes(path: str, head: str) -> None:
 
 def run_description(path: str) -> str:
     """How the table was made, for the head of the results file."""
+    from bench.workloads import ROUNDS, STEPS, WARMUP
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except OSError:               # no git: an installed copy
         commit = ""
     text = (f"Run: `python -m bench.run --write {path}` on {time.strftime('%Y-%m-%d', time.gmtime())}"
-            f"{f' at {commit}' if commit else ''}. W1, W2: 5 rounds, each of 10 service steps (kept from a Step "
-            f"call of 14: the first 3 warm up and the last runs no next forward) and then 10 reference steps (after "
-            f"3 more); medians over the kept steps of all rounds, IQR in brackets; the ratio is the median of the "
+            f"{f' at {commit}' if commit else ''}. W1, W2: {ROUNDS} rounds, each of {STEPS} service steps (kept from "
+            f"a Step call of {WARMUP + STEPS + 1}: the first {WARMUP} warm up and the last runs no next forward) and "
+            f"then {STEPS} reference steps (after {WARMUP} more); medians over the kept steps of all rounds, IQR in brackets; the ratio is the median of the "
             f"rounds' ratios, so that both sides of each meet the same seconds of the machine. W3: 200 steps; W4: "
             f"30 fetches of each kind. The reference is the same math in this process (numpy, all cores; for W1 the "
             f"plain two-pass step). W4's client and its ceiling's server each run in a process of their own "

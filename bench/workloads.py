@@ -82,10 +82,12 @@ class ReferenceStep:
 # OpenBLAS's threads spin for about 0.1 s after a product (measured here: one core busy for
 # 100 ms after the reference's last step), which would take a core from the shards' next steps.
 BLAS_SPIN_S = 0.25
+# W1 and W2's rounds: service steps and reference steps kept per round, after WARMUP of each.
+ROUNDS, STEPS, WARMUP = 5, 10, 3
 
 
 def step_workload(client: Client, name: str, model: str, features: int, outputs: int, hidden: int, rows: int,
-                  shards: int, rounds: int = 5, steps: int = 10, warmup: int = 3, seed: int = 0,
+                  shards: int, rounds: int = ROUNDS, steps: int = STEPS, warmup: int = WARMUP, seed: int = 0,
                   reference: bool = True) -> Row:
     """The service's step and the reference's, measured in alternated blocks.
 
