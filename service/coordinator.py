@@ -21,11 +21,12 @@ from service.datasets import DatasetStore
 from service.fdcheck import CheckResult, check_gradient, choose_coordinates
 from service.errors import Aborted, FailedPrecondition, ShardUnavailable
 from service.metrics import Metrics
-from service.jobs import Job, JobConfig, JobRegistry, Limits, check_room, resolve, using
+from service.jobs import (Job, JobConfig, JobRegistry, Limits, check_room, refuse_broken, refuse_deleted, resolve,
+                          settle, using)
 from service.params import flat_from
 from service.shard_group import RayShardGroup, ShardGroup
 from service.state import StateStore
-from service.recovery import recover, recovering_step, take_checkpoint
+from service.recovery import StepInFlight, begin_step, recover, take_checkpoint
 from service.step import StepReport, check_rows, forward, sum_partials
 from workers.data import batches_per_epoch, prepare_labels, synthetic_labels
 from workers.losses import accuracy, loss_and_dZ
@@ -152,14 +153,18 @@ class Coordinator:
     def shard_steps(self, job_id: str, wait: bool = True) -> list[int]:
         """Each shard's own count of applied optimizer steps; -1 each when the job is unusable.
 
-        wait=False (ListJobs): while a call holds the job (a step in flight), answer the job's
-        step for every shard — what they all had applied when the last call finished —
-        instead of waiting for that call to ask them. GetJob waits, so that a client reading
-        its job after a call it made (or cancelled) sees that call's last step.
+        wait=False (ListJobs): while a call holds the job or a step is in flight, answer the
+        job's step for every shard — what they all had applied when the last step finished —
+        instead of waiting for the shards. GetJob waits, so that a client reading its job after
+        a call it made (or cancelled) sees that call's last step.
         """
         job = self.jobs.get(job_id)
         held = job.lock.acquire(blocking=wait)
         try:
+            if held and not job.closed:
+                if not wait and job.inflight is not None:
+                    return [job.step] * job.plan.n_shards
+                settle(job)
             if job.broken or job.closed:
                 return [-1] * job.plan.n_shards
             if not held:
@@ -174,6 +179,7 @@ class Coordinator:
         job = self.jobs.pop(job_id)
         with job.lock:
             job.closed = True
+            job.inflight = None           # a step in flight ends with the shards
             job.group.close()
         if self.metrics:
             self.metrics.job_deleted(job_id)
@@ -213,6 +219,7 @@ class Coordinator:
             self.jobs.pop(job.job_id)
             with job.lock:
                 job.closed = True
+                job.inflight = None
                 job.group.close()
             if self.metrics:
                 self.metrics.job_deleted(job.job_id)
@@ -293,13 +300,9 @@ class Coordinator:
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         _check_lr(learning_rate)
-        for i in range(steps):
-            with using(job), self._marking(job):
-                if i == 0:
-                    _check_expected(job, expected_step)
-                report = recovering_step(job, learning_rate, self.state, prefetch_next=i < steps - 1)
-            self._observe(job, report)
-            yield report       # outside the lock: a slow reader must not block the job
+        with contextlib.closing(self._steps(job, steps, learning_rate, expected_step)) as reports:
+            for report, _ in reports:
+                yield report
 
     def train(self, job_id: str, steps: int = 0, epochs: int = 0, eval_every: int = 0,
               learning_rate: float = 0.0, expected_step: int | None = None) -> Iterator[TrainEvent]:
@@ -317,28 +320,76 @@ class Coordinator:
         if steps == 0:
             per_epoch = batches_per_epoch(job.n_train, job.config.batch_size)
             steps = epochs * per_epoch - job.step % per_epoch
-        t0, examples = time.perf_counter(), 0
+        t0, examples, count = time.perf_counter(), 0, 0
         log.info("training %s for %d steps from step %d", job.job_id, steps, job.step,
                  extra={"job_id": job.job_id, "step": job.step})
-        for i in range(steps):
-            with using(job), self._marking(job):
-                if i == 0:
-                    _check_expected(job, expected_step)
-                report = recovering_step(job, learning_rate, self.state, prefetch_next=i < steps - 1)
+
+        def evaluation_due(report: StepReport) -> Evaluation | None:
+            nonlocal count
+            count += 1
+            if not len(job.holdout_rows) or not (count == steps or (eval_every and report.step % eval_every == 0)):
+                return None
+            try:
+                return self._evaluate(job, job.holdout_rows)
+            except ShardUnavailable:      # training goes on: recover, evaluate again
+                recover(job)
+                return self._evaluate(job, job.holdout_rows)
+
+        with contextlib.closing(self._steps(job, steps, learning_rate, expected_step, evaluation_due)) as reports:
+            for report, evaluation in reports:
                 examples += report.batch_rows
-                evaluation = None
-                last = i == steps - 1
-                if len(job.holdout_rows) and (last or (eval_every and report.step % eval_every == 0)):
+                if evaluation is not None:
+                    log.info("%s step %d: held-out loss %.6g", job.job_id, report.step, evaluation.loss,
+                             extra={"job_id": job.job_id, "step": report.step})
+                yield TrainEvent(report, steps, examples / (time.perf_counter() - t0), evaluation)
+
+    def _steps(self, job: Job, steps: int, learning_rate: float, expected_step: int | None,
+               after: Callable[[StepReport], T] | None = None) -> Iterator[tuple[StepReport, T | None]]:
+        """`steps` steps, yielding (report, after(report)) for each, after() run under the job's lock.
+
+        Each step's report is handed to the caller (the client's stream) while the shards run
+        the next step: the report of step k is yielded once step k + 1's update call is on its
+        way, so the shards do not wait while it is sent (DESIGN.md). The job's lock is let go meanwhile, so that a reader slow to take
+        its reports does not block the job: the step in flight is left in Job.inflight, and a
+        call that takes the lock first settles it (service.jobs.using). A caller that stops
+        iterating (a cancelled client) settles the step in flight when it closes this generator:
+        the job stops at a step boundary, every shard having applied the same steps. A step that
+        cannot begin raises after the previous step's report has been yielded.
+        """
+        inflight: StepInFlight | None = None
+        try:
+            for i in range(steps + 1):
+                report, extra, error = None, None, None
+                with job.lock:                  # as using(job), but this call's own step tells its own failure
+                    refuse_deleted(job)
+                    settle(job)
+                    with self._marking(job):
+                        if inflight is not None:
+                            report, inflight = inflight.outcome(), None
+                    refuse_broken(job)
+                    if i == 0:
+                        _check_expected(job, expected_step)
                     try:
-                        evaluation = self._evaluate(job, job.holdout_rows)
-                    except ShardUnavailable:      # training goes on: recover, evaluate again
-                        recover(job)
-                        evaluation = self._evaluate(job, job.holdout_rows)
-            self._observe(job, report)
-            if evaluation is not None:
-                log.info("%s step %d: held-out loss %.6g", job.job_id, report.step, evaluation.loss,
-                         extra={"job_id": job.job_id, "step": report.step})
-            yield TrainEvent(report, steps, examples / (time.perf_counter() - t0), evaluation)
+                        with self._marking(job):
+                            if report is not None and after is not None:
+                                extra = after(report)
+                            if i < steps:
+                                inflight = job.inflight = begin_step(job, learning_rate, self.state,
+                                                                     prefetch_next=i < steps - 1)
+                    except Exception as exc:
+                        if report is None:
+                            raise
+                        error = exc
+                if report is not None:
+                    self._observe(job, report)
+                    yield report, extra
+                if error is not None:
+                    raise error
+        finally:
+            if inflight is not None and not inflight.settled:
+                with job.lock:
+                    if job.inflight is inflight:
+                        settle(job)
 
     def evaluate(self, job_id: str, rows: np.ndarray | None = None, split: str = "all") -> Evaluation:
         """Loss (and accuracy) at the current parameters on rows, or on a split of the data."""

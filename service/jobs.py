@@ -175,6 +175,7 @@ class Job:
     prefetched: object = None     # service.step.Prefetch: the next step's forward, computed during this one
     broken: str = ""              # why the shards may disagree (a failed step); "" when they agree
     held_gradient: object = None  # service.step.StepReport of the step whose gradient the shards keep; None: none
+    inflight: object = None       # service.recovery.StepInFlight: a step the shards are running, not yet settled
     holdout_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def __post_init__(self) -> None:
@@ -202,13 +203,31 @@ def check_room(jobs: int, max_jobs: int) -> None:
 
 @contextlib.contextmanager
 def using(job: Job) -> Iterator[Job]:
-    """Hold the job's lock, refusing a deleted or broken job."""
+    """Hold the job's lock, refusing a deleted or broken job. A step left in flight by a Step
+    or Train call (while it sends its client a report) is settled first."""
     with job.lock:
-        if job.closed:
-            raise NotFound(f"no job {job.job_id!r} (it was deleted)")
-        if job.broken:
-            raise FailedPrecondition(f"job {job.job_id} is unusable: {job.broken}; delete it and create it again")
+        refuse_deleted(job)
+        settle(job)
+        refuse_broken(job)
         yield job
+
+
+def refuse_deleted(job: Job) -> None:
+    if job.closed:
+        raise NotFound(f"no job {job.job_id!r} (it was deleted)")
+
+
+def refuse_broken(job: Job) -> None:
+    if job.broken:
+        raise FailedPrecondition(f"job {job.job_id} is unusable: {job.broken}; delete it and create it again")
+
+
+def settle(job: Job) -> None:
+    """Wait for the step in flight, if any, and keep its outcome for the call that began it.
+    The caller holds the job's lock."""
+    inflight, job.inflight = job.inflight, None
+    if inflight is not None:
+        inflight.settle()
 
 
 class JobRegistry:

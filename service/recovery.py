@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from service.errors import ShardUnavailable
 from service.jobs import Job
-from service.step import StepReport, sgd_step
+from service.step import StepReport, begin_sgd_step, sgd_step
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +65,64 @@ def recover(job: Job) -> list[int]:
     return dead
 
 
-def recovering_step(job: Job, base_lr: float, store=None, prefetch_next: bool = False) -> StepReport:
-    """One optimizer step; a shard that dies during it is replaced and the step retried once."""
+class StepInFlight:
+    """A step whose update call the shards are running (Job.inflight).
+
+    It is settled by whoever holds the job's lock next: the Step or Train call that began it,
+    once it has sent its client the previous step's report, or any other call on the job
+    before it touches the shards (service.jobs.using). Settling waits for the shards, then
+    does what follows a step: the step again if a shard died (begin_step), the periodic
+    checkpoint. What it raises is kept for outcome().
+    """
+
+    def __init__(self, complete: Callable[[], StepReport]) -> None:
+        self._complete = complete
+        self._report: StepReport | None = None
+        self._error: Exception | None = None
+        self.settled = False
+
+    def settle(self) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        try:
+            self._report = self._complete()
+        except Exception as exc:
+            self._error = exc
+
+    def outcome(self) -> StepReport:
+        """The step's report, or what settling it raised. The caller holds the job's lock."""
+        self.settle()
+        if self._error is not None:
+            raise self._error
+        return self._report
+
+
+def begin_step(job: Job, base_lr: float, store=None, prefetch_next: bool = False) -> StepInFlight:
+    """One optimizer step, begun: its update call is running on the shards when this returns.
+    A shard that dies during the step is replaced and the step retried once; every
+    `checkpoint_every` steps the shards' state is copied. The caller holds the job's lock, and
+    keeps it until outcome() or hands the step over through Job.inflight before letting go."""
     job.lr_log[job.step] = base_lr
     try:
-        report = sgd_step(job, base_lr, prefetch_next)
+        finish = begin_sgd_step(job, base_lr, prefetch_next)
     except ShardUnavailable:
         recover(job)
         report = sgd_step(job, base_lr, prefetch_next)
+        return StepInFlight(lambda: _checkpointed(job, report, store))
+
+    def complete() -> StepReport:
+        try:
+            report = finish()
+        except ShardUnavailable:
+            recover(job)
+            report = sgd_step(job, base_lr, prefetch_next)
+        return _checkpointed(job, report, store)
+    return StepInFlight(complete)
+
+
+def _checkpointed(job: Job, report: StepReport, store) -> StepReport:
+    """The periodic checkpoint after a step, when it is due."""
     if job.config.checkpoint_every and job.step % job.config.checkpoint_every == 0:
         try:
             take_checkpoint(job, store)

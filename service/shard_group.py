@@ -1,12 +1,13 @@
 """The shards of one job, called together: on Ray actors, or in process for tests."""
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import threading
 import time
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -42,6 +43,14 @@ class ShardGroup(Protocol):
 
     def call(self, method: str, *args: Any, each: Sequence[dict] | None = None, **kwargs: Any) -> list: ...
 
+    def start(self, method: str, *args: Any, each: Sequence[dict] | None = None, **kwargs: Any
+              ) -> Callable[[], list]:
+        """call() in two halves: the shards start now, and the function returned waits for their
+        answers (or raises what call() would have). The caller holds the job's lock until it has
+        the answers, or hands the function to whoever holds it next (service.recovery.StepInFlight):
+        no other call may reach the shards in between."""
+        ...
+
     def lend(self, method: str) -> list[np.ndarray]:
         """What `call(method)` answers for a method in SHARED_READS, possibly as read-only views
         of the shards' live memory: the caller holds the job's lock and reads them before it
@@ -72,6 +81,15 @@ class LocalShardGroup:
     def call(self, method: str, *args: Any, each: Sequence[dict] | None = None, **kwargs: Any) -> list:
         return [getattr(shard, method)(*args, **kwargs, **(each[s] if each else {}))
                 for s, shard in enumerate(self.shards)]
+
+    def start(self, method: str, *args: Any, each: Sequence[dict] | None = None, **kwargs: Any
+              ) -> Callable[[], list]:
+        # In process the shards run now; what they raise is raised by finish(), as over the lines.
+        try:
+            out = self.call(method, *args, each=each, **kwargs)
+        except Exception as exc:
+            return functools.partial(_reraise, exc)
+        return lambda: out
 
     def lend(self, method: str) -> list[np.ndarray]:
         return self.call(method)
@@ -157,14 +175,19 @@ class RayShardGroup:
         return self._ray.put(value)
 
     def call(self, method: str, *args: Any, each: Sequence[dict] | None = None, **kwargs: Any) -> list:
+        return self.start(method, *args, each=each, **kwargs)()
+
+    def start(self, method: str, *args: Any, each: Sequence[dict] | None = None, **kwargs: Any
+              ) -> Callable[[], list]:
         if method in CALLS and not _holds_refs(self._ray.ObjectRef, args, kwargs, each):
             with self._channel_lock:
                 channels = self._open_channels()
                 if channels is not None:
-                    return self._on_channels(channels, method, args, kwargs, each)
+                    self._on_channels(channels, method, lambda: channels.start(method, args, kwargs, each))
+                    return lambda: self._finish_on(channels, method)
         refs = [getattr(actor, method).remote(*args, **kwargs, **(each[s] if each else {}))
                 for s, actor in enumerate(self.actors)]
-        return self._get(refs, method)
+        return lambda: self._get(refs, method)
 
     def lend(self, method: str) -> list[np.ndarray]:
         """Views of the shards' shared memory when it is mapped and every shard's process is
@@ -180,10 +203,14 @@ class RayShardGroup:
                 return [views[SHARED_READS[method]] for _, views in self._shared]
         return self.call(method)
 
-    def _on_channels(self, channels: ShardChannels, method: str, args: tuple, kwargs: dict,
-                     each: Sequence[dict] | None) -> list:
+    def _finish_on(self, channels: ShardChannels, method: str) -> list:
+        with self._channel_lock:
+            return self._on_channels(channels, method, lambda: channels.finish(method, self.timeout_s))
+
+    def _on_channels(self, channels: ShardChannels, method: str, io: Callable[[], Any]) -> Any:
+        """io() (one half of a call on the lines), its failures said as the Ray path says them."""
         try:
-            return channels.call(method, args, kwargs, each, self.timeout_s)
+            return io()
         except RemoteError as e:
             raise e.cause from None          # the shard's own exception, as on the Ray path
         except ChannelTimeout as e:
@@ -290,6 +317,10 @@ class RayShardGroup:
             raise ShardTimeout(f"shards did not finish {method} within {self.timeout_s:g} s") from None
         except (exc.RayActorError, exc.ObjectLostError) as e:
             raise ShardUnavailable(f"a shard died during {method}: {type(e).__name__}; retry the call") from None
+
+
+def _reraise(exc: Exception) -> list:
+    raise exc
 
 
 def _holds_refs(ref_type: type, args: tuple, kwargs: dict, each: Sequence[dict] | None) -> bool:

@@ -7,10 +7,12 @@ step:    loss and dZ here -> dZ put once -> every shard differentiates and updat
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -121,6 +123,15 @@ def sgd_step(job: Job, base_lr: float = 0.0, prefetch_next: bool = False) -> Ste
     prefetch_next: the update call also runs the next step's forward (the caller will run
     that step next), saving a round trip; it is used only if nothing touched the shards since.
     """
+    return begin_sgd_step(job, base_lr, prefetch_next)()
+
+
+def begin_sgd_step(job: Job, base_lr: float = 0.0, prefetch_next: bool = False) -> Callable[[], StepReport]:
+    """sgd_step() in two halves: returns once the shards run the step's update call (the
+    longest part of a step: backward, update and the next forward), with the function that
+    waits for them and gives the step's report. In between the caller may do other work, such
+    as sending the previous step's report to its client, but nothing that reaches the shards.
+    """
     t0 = time.perf_counter()
     t = job.step
     lr = job.schedule.lr(base_lr or job.config.learning_rate, t)
@@ -135,9 +146,21 @@ def sgd_step(job: Job, base_lr: float = 0.0, prefetch_next: bool = False) -> Ste
         raise FailedPrecondition(f"the loss is {loss} at step {t + 1} (learning rate {lr:g}); nothing was applied. "
                                  f"Set finite parameters or use a smaller learning rate")
     job.held_gradient = None      # the shards' kept gradients change now; known again once the step is applied
-    try:
-        job.held_gradient = _update(job, t, lr, loss, fwd, dZ, epoch, t0, prefetch_next)
+    with _breaking(job, t):
+        finish = _begin_update(job, t, lr, loss, fwd, dZ, epoch, t0, prefetch_next)
+
+    def finished() -> StepReport:
+        with _breaking(job, t):
+            job.held_gradient = finish()
         return job.held_gradient
+    return finished
+
+
+@contextlib.contextmanager
+def _breaking(job: Job, t: int) -> Iterator[None]:
+    """A failure in the shards during step t + 1 leaves the job unusable, unless a shard died."""
+    try:
+        yield
     except ShardUnavailable:
         raise      # a dead shard: service.recovery restores a consistent state
     except Exception as exc:
@@ -146,12 +169,11 @@ def sgd_step(job: Job, base_lr: float = 0.0, prefetch_next: bool = False) -> Ste
         raise
 
 
-def _update(job: Job, t: int, lr: float, loss: float, fwd: Forward, dZ: np.ndarray, epoch: int,
-            t0: float, prefetch_next: bool) -> StepReport:
+def _begin_update(job: Job, t: int, lr: float, loss: float, fwd: Forward, dZ: np.ndarray, epoch: int,
+                  t0: float, prefetch_next: bool) -> Callable[[], StepReport]:
     group, S = job.group, job.plan.n_shards
     dZ_ref = group.put(dZ)
-    scale, extra_to, extra_from = 1.0, 0, 0
-    nxt = {}
+    nxt, next_rows = {}, None
     if prefetch_next:
         next_rows, _ = step_rows(job, t + 1)
         nxt = {"next_token": next(_calls), "next_rows": None if next_rows is None else group.put(next_rows)}
@@ -159,19 +181,28 @@ def _update(job: Job, t: int, lr: float, loss: float, fwd: Forward, dZ: np.ndarr
         out = group.call("backward", fwd.token, dZ_ref)
         norm = math.sqrt(sum(q for q, _, _ in out))
         scale = min(1.0, job.config.clip_norm / (norm + 1e-6))       # as torch's clip_grad_norm_
-        applied = group.call("apply", t + 1, lr, scale, **nxt)
-        seconds = [f + b + a for f, (_, _, b), (a, _) in zip(fwd.shard_seconds, out, applied)]
-        prefetched = [p for _, p in applied]
-        extra_to, extra_from = S * 16, S * 8      # (step, lr, scale) out; seconds back
+        applying = group.start("apply", t + 1, lr, scale, **nxt)
+
+        def applied() -> tuple:
+            answers = applying()
+            seconds = [f + b + a for f, (_, _, b), (a, _) in zip(fwd.shard_seconds, out, answers)]
+            return norm, scale, seconds, [p for _, p in answers], S * 16, S * 8   # (step, lr, scale) out; seconds back
     else:
-        out = group.call("backward_apply", fwd.token, dZ_ref, t + 1, lr, **nxt)
-        norm = math.sqrt(sum(q for q, _, _, _ in out))
-        seconds = [f + b for f, (_, _, b, _) in zip(fwd.shard_seconds, out)]
-        prefetched = [p for _, _, _, p in out]
-    job.step = t + 1
-    if prefetch_next:
-        job.prefetched = Prefetch(t + 1, job.shard_epoch, _gathered(job, nxt["next_token"], next_rows, prefetched))
-    return StepReport(step=job.step, loss=loss + fwd.penalty, grad_norm=norm, seconds=time.perf_counter() - t0,
-                      shard_seconds=seconds, bytes_to_shards=fwd.bytes_to + S * dZ.nbytes + extra_to,
-                      bytes_from_shards=fwd.bytes_from + S * 16 + extra_from, batch_rows=len(fwd.y), epoch=epoch,
-                      learning_rate=lr, clip_scale=scale)
+        updating = group.start("backward_apply", fwd.token, dZ_ref, t + 1, lr, **nxt)
+
+        def applied() -> tuple:
+            answers = updating()
+            seconds = [f + b for f, (_, _, b, _) in zip(fwd.shard_seconds, answers)]
+            return math.sqrt(sum(q for q, _, _, _ in answers)), 1.0, seconds, [p for _, _, _, p in answers], 0, 0
+
+    def finish() -> StepReport:
+        norm, scale, seconds, prefetched, extra_to, extra_from = applied()
+        job.step = t + 1
+        if prefetch_next:
+            job.prefetched = Prefetch(t + 1, job.shard_epoch,
+                                      _gathered(job, nxt["next_token"], next_rows, prefetched))
+        return StepReport(step=job.step, loss=loss + fwd.penalty, grad_norm=norm, seconds=time.perf_counter() - t0,
+                          shard_seconds=seconds, bytes_to_shards=fwd.bytes_to + S * dZ.nbytes + extra_to,
+                          bytes_from_shards=fwd.bytes_from + S * 16 + extra_from, batch_rows=len(fwd.y),
+                          epoch=epoch, learning_rate=lr, clip_scale=scale)
+    return finish

@@ -82,7 +82,7 @@ def test_slices_lent_from_shared_memory_equal_the_shards_answers_on_their_lines(
     group = job.group
     assert group._shared is not None and len(group._shared) == 3      # all on this node: mapped
     with job.lock, group._channel_lock:
-        on_lines = {m: group._on_channels(group._channels, m, (), {}, None) for m in ("get_params", "get_grad")}
+        on_lines = {m: group._channels.call(m, (), {}, None, group.timeout_s) for m in ("get_params", "get_grad")}
     with job.lock:
         lent = {m: group.lend(m) for m in on_lines}
     for method, expected in on_lines.items():

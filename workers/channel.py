@@ -248,9 +248,18 @@ class ShardChannels:
     def call(self, method: str, args: tuple, kwargs: dict, each: Sequence[dict] | None, timeout_s: float) -> list:
         """Every shard's result in shard order. RemoteError if a shard raised (every
         answer is read first, so the lines stay in step); ChannelLost if a line broke."""
-        try:
-            for s, conn in enumerate(self.conns):
-                send(conn, (method, args, {**kwargs, **(each[s] if each else {})}))
+        self.start(method, args, kwargs, each)
+        return self.finish(method, timeout_s)
+
+    def start(self, method: str, args: tuple, kwargs: dict, each: Sequence[dict] | None) -> None:
+        """The first half of call(): the call is sent to every shard; finish() reads the answers.
+        Nothing else may go on the lines in between."""
+        self._guarded(method, lambda: [send(conn, (method, args, {**kwargs, **(each[s] if each else {})}))
+                                       for s, conn in enumerate(self.conns)])
+
+    def finish(self, method: str, timeout_s: float) -> list:
+        """The second half of call(): every shard's answer to the call start() sent."""
+        def read() -> list:
             deadline = time.monotonic() + timeout_s
             replies = []
             for conn in self.conns:
@@ -258,16 +267,23 @@ class ShardChannels:
                     self.close()             # a late answer would put the line out of step
                     raise ChannelTimeout(f"shards did not finish {method} within {timeout_s:g} s")
                 replies.append(receive(conn))
+            return replies
+
+        replies = self._guarded(method, read)
+        for s, (status, value) in enumerate(replies):
+            if status == "error":
+                raise RemoteError(s, value)
+        return [value for _, value in replies]
+
+    def _guarded(self, method: str, io: Callable[[], Any]) -> Any:
+        try:
+            return io()
         except (EOFError, OSError) as exc:
             self.close()
             raise ChannelLost(f"{type(exc).__name__} during {method}: {exc}") from None
         except BaseException:
             self.close()                     # half a message sent or read: the lines are out of step
             raise
-        for s, (status, value) in enumerate(replies):
-            if status == "error":
-                raise RemoteError(s, value)
-        return [value for _, value in replies]
 
     def close(self) -> None:
         for conn in self.conns:

@@ -200,7 +200,10 @@ class GradShardServicer:
         """Run synchronized optimizer steps: forward on every shard, reduce and loss
         in the coordinator, dZ broadcast once, each shard differentiates and
         updates its own slice with the job's optimizer. No shard starts step k+1
-        before all have applied step k. One StepReport is streamed per step.
+        before all have applied step k. One StepReport is streamed per step, sent
+        while the shards run the next one. A client that cancels stops the steps at
+        a step boundary: every shard has applied the same steps (up to one more
+        than the client read), and GetJob shows them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
