@@ -53,8 +53,11 @@ def run_description(path: str) -> str:
     text = (f"Run: `python -m bench.run --write {path}` on {time.strftime('%Y-%m-%d', time.gmtime())}"
             f"{f' at {commit}' if commit else ''}. W1, W2: {ROUNDS} rounds, each of {STEPS} service steps (kept from "
             f"a Step call of {WARMUP + STEPS + 1}: the first {WARMUP} warm up and the last runs no next forward) and "
-            f"then {STEPS} reference steps (after {WARMUP} more); medians over the kept steps of all rounds, IQR in brackets; the ratio is the median of the "
-            f"rounds' ratios, so that both sides of each meet the same seconds of the machine. W3: 200 steps; W4: "
+            f"then {STEPS} reference steps (after {WARMUP} more). A service step (W1-W3) is the time from the report "
+            f"of the step before to its own, as the client receives them; the note gives the coordinator's own time "
+            f"of the step (StepReport.seconds). Medians over the kept steps of all rounds, IQR in brackets; the ratio "
+            f"is the median of the rounds' ratios, so that both sides of each meet the same seconds of the machine. "
+            f"W3: 200 steps; W4: "
             f"30 fetches of each kind. The reference is the same math in this process (numpy, all cores; for W1 the "
             f"plain two-pass step). W4's client and its ceiling's server each run in a process of their own "
             f"(`bench/fetch.py`).")

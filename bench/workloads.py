@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -88,7 +89,7 @@ ROUNDS, STEPS, WARMUP = 5, 10, 3
 
 def step_workload(client: Client, name: str, model: str, features: int, outputs: int, hidden: int, rows: int,
                   shards: int, rounds: int = ROUNDS, steps: int = STEPS, warmup: int = WARMUP, seed: int = 0,
-                  reference: bool = True) -> Row:
+                  reference: bool = True, clock: Callable[[], float] = time.perf_counter) -> Row:
     """The service's step and the reference's, measured in alternated blocks.
 
     Each of `rounds` rounds runs one Step call of warmup + steps + 1 steps on the service and
@@ -96,31 +97,42 @@ def step_workload(client: Client, name: str, model: str, features: int, outputs:
     the machine's drift from one second to the next (tens of percent on this VM) falls on both
     sides alike, instead of on whichever ran in a worse minute. A Step call's first step also
     runs its own forward and its last runs none (the others run the next step's forward in
-    their update call), so neither is kept. Medians and IQRs are over the kept steps of all
-    rounds; the ratio is the median of the rounds' ratios of medians.
+    their update call), so neither is kept. A service step is timed as its client sees it: from
+    the report of the step before to its own (what a Step call takes per step, everything
+    included); the coordinator's own timing of the step (StepReport.seconds) goes in the note.
+    Medians and IQRs are over the kept steps of all rounds; the ratio is the median of the
+    rounds' ratios of medians.
     """
+    if warmup < 1:
+        raise ValueError("warmup must be >= 1: a kept step is timed from the report before it")
     job = client.create_job(model, features=features, outputs=outputs, hidden=hidden, rows=rows, shards=shards,
                             seed=seed, learning_rate=0.01, batch_size=0)
     try:
         ref = ReferenceStep(ModelSpec(model, features, outputs, hidden), rows, seed, _labels(client, job)) \
             if reference else None
-        reports, ref_times, ratios = [], [], []
+        reports, gaps, ref_times, ratios = [], [], [], []
         for _ in range(rounds):
-            kept = list(client.step(job.job_id, warmup + steps + 1))[warmup:-1]
+            stamps, answered = [], []
+            for r in client.step(job.job_id, warmup + steps + 1):
+                stamps.append(clock())
+                answered.append(r)
+            kept, kept_gaps = answered[warmup:-1], list(np.diff(stamps)[warmup - 1:-1])   # gap k: report k-1 to k
             reports += kept
+            gaps += kept_gaps
             if ref is not None:
                 times = ref.run(steps, warmup)
                 ref_times += times
-                ratios.append(statistics.median(r.seconds for r in kept) / statistics.median(times))
+                ratios.append(statistics.median(kept_gaps) / statistics.median(times))
                 time.sleep(BLAS_SPIN_S)
         row = Row(name, shards, job.n_params, samples=len(reports), round_ratios=ratios)
-        row.service_ms, row.service_spread_ms = (v * 1e3 for v in _median_iqr([r.seconds for r in reports]))
+        row.service_ms, row.service_spread_ms = (v * 1e3 for v in _median_iqr(gaps))
         row.shard_ms = [statistics.median(r.shard_seconds[s] for r in reports) * 1e3 for s in range(shards)]
-        row.overhead_ms = statistics.median(r.seconds - max(r.shard_seconds) for r in reports) * 1e3
+        row.overhead_ms = statistics.median(g - max(r.shard_seconds) for g, r in zip(gaps, reports)) * 1e3
         row.bytes_per_step = reports[-1].bytes_to_shards + reports[-1].bytes_from_shards
+        row.note = f"coordinator step {statistics.median(r.seconds for r in reports) * 1e3:.2f} ms"
         if ref is not None:
             row.reference_ms = statistics.median(ref_times) * 1e3
-            row.note = f"ratio: median of {rounds} rounds' ({min(ratios):.2f}–{max(ratios):.2f})"
+            row.note += f"; ratio: median of {rounds} rounds' ({min(ratios):.2f}–{max(ratios):.2f})"
         return row
     finally:
         client.delete_job(job.job_id)

@@ -59,6 +59,19 @@ def test_the_step_workload_keeps_the_measured_steps_of_every_round(harness, clie
     assert row.bytes_per_step == 2 * dz + 2 * (dz + 16) + 2 * 16
 
 
+def test_a_service_step_is_timed_from_the_report_before_it(harness, client):
+    """The clock read as each report arrives: k^2 ms for the k-th, so report k came 2k - 1 ms
+    after the one before it. Each round's Step call answers 7 reports, of which 2-5 are kept."""
+    ticks = iter(range(100))
+    row = workloads.step_workload(client, "tiny MLP", "mlp", shards=2, rounds=3, steps=4, warmup=2,
+                                  reference=False, clock=lambda: next(ticks) ** 2 / 1e3, **MLP)
+    # rounds' kept gaps: 3, 5, 7, 9 | 17, 19, 21, 23 | 31, 33, 35, 37 ms
+    assert row.service_ms == pytest.approx(20.0) and row.service_spread_ms == pytest.approx(25.0)
+    assert row.note.startswith("coordinator step ") and row.samples == 12
+    with pytest.raises(ValueError, match="warmup must be >= 1"):
+        workloads.step_workload(client, "tiny MLP", "mlp", shards=2, warmup=0, **MLP)
+
+
 def test_write_keeps_the_notes_after_the_first_section(tmp_path):
     path = tmp_path / "RESULTS.md"
     write_keeping_notes(str(path), "# Benchmark results\n\nold table\n")
