@@ -319,7 +319,8 @@ class Coordinator:
         _check_lr(learning_rate)
         if steps == 0:
             per_epoch = batches_per_epoch(job.n_train, job.config.batch_size)
-            steps = epochs * per_epoch - job.step % per_epoch
+            with using(job):              # the job's step once a step in flight is settled
+                steps = epochs * per_epoch - job.step % per_epoch
         t0, examples, count = time.perf_counter(), 0, 0
         log.info("training %s for %d steps from step %d", job.job_id, steps, job.step,
                  extra={"job_id": job.job_id, "step": job.step})
@@ -349,27 +350,33 @@ class Coordinator:
 
         Each step's report is handed to the caller (the client's stream) while the shards run
         the next step: the report of step k is yielded once step k + 1's update call is on its
-        way, so the shards do not wait while it is sent (DESIGN.md). The job's lock is let go meanwhile, so that a reader slow to take
-        its reports does not block the job: the step in flight is left in Job.inflight, and a
-        call that takes the lock first settles it (service.jobs.using). A caller that stops
-        iterating (a cancelled client) settles the step in flight when it closes this generator:
-        the job stops at a step boundary, every shard having applied the same steps. A step that
-        cannot begin raises after the previous step's report has been yielded.
+        way, so the shards do not wait while it is sent (DESIGN.md). The job's lock is let go
+        meanwhile, so that a reader slow to take its reports does not block the job: the step
+        in flight is left in Job.inflight, and a call that takes the lock first settles it
+        (service.jobs.using), keeping the outcome for this call. A caller that stops iterating
+        (a cancelled client) settles the step in flight when it closes this generator: the job
+        stops at a step boundary, every shard having applied the same steps. A report in hand
+        is yielded before any error that follows it (a step that cannot begin, a job deleted or
+        made unusable by another call meanwhile).
         """
         inflight: StepInFlight | None = None
         try:
             for i in range(steps + 1):
                 report, extra, error = None, None, None
-                with job.lock:                  # as using(job), but this call's own step tells its own failure
-                    refuse_deleted(job)
-                    settle(job)
-                    with self._marking(job):
-                        if inflight is not None:
-                            report, inflight = inflight.outcome(), None
-                    refuse_broken(job)
-                    if i == 0:
-                        _check_expected(job, expected_step)
-                    try:
+                with job.lock:
+                    if inflight is not None:
+                        if not job.closed:
+                            settle(job)           # this call's step, unless another call settled it
+                        if inflight.settled:      # its own outcome first: the step's error, or its report
+                            with self._marking(job) if not job.closed else contextlib.nullcontext():
+                                report = inflight.outcome()
+                        inflight = None
+                    try:                          # as using(job); a report in hand is yielded first
+                        refuse_deleted(job)
+                        settle(job)               # a step another call left in flight
+                        refuse_broken(job)
+                        if i == 0:
+                            _check_expected(job, expected_step)
                         with self._marking(job):
                             if report is not None and after is not None:
                                 extra = after(report)
@@ -390,6 +397,9 @@ class Coordinator:
                 with job.lock:
                     if job.inflight is inflight:
                         settle(job)
+                if inflight.settled:
+                    with contextlib.suppress(Exception):      # its error stays with the job (job.broken)
+                        self._observe(job, inflight.outcome())
 
     def evaluate(self, job_id: str, rows: np.ndarray | None = None, split: str = "all") -> Evaluation:
         """Loss (and accuracy) at the current parameters on rows, or on a split of the data."""

@@ -15,7 +15,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.step_seconds = Histogram("gradshard_step_seconds", "Wall seconds of one synchronized step, by job",
+        self.step_seconds = Histogram("gradshard_step_seconds",
+                                      "Wall seconds of one synchronized step, by job (StepReport.seconds)",
                                       ["job_id"], buckets=_SECONDS, registry=r)
         self.shard_seconds = Histogram("gradshard_shard_compute_seconds",
                                        "Compute seconds of one shard in one step (name a slow shard)",

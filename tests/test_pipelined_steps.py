@@ -191,3 +191,138 @@ def test_a_stream_left_unread_does_not_hold_the_job(client, server):
     after = client.get_job(job.job_id)
     assert [s.step for s in after.shards] == [after.step] * 2
     client.delete_job(job.job_id)
+
+
+def test_a_shard_lost_in_a_step_in_flight_is_recovered_by_the_call_that_settles_it(monkeypatch):
+    """Another call settles the step: it recovers the shards and retries the step, as the owner would."""
+    from service.errors import ShardUnavailable
+
+    c = Coordinator(LocalShardGroup)
+    job, twin = local_job(c), local_job(c)
+    original, lost = Shard.backward_apply, []
+
+    def lost_once_at_step_2(self, token, dZ, step, *args, **kwargs):
+        if step == 2 and not lost:
+            lost.append(self.index)
+            raise ShardUnavailable("a shard died during backward_apply: RayActorError; retry the call")
+        return original(self, token, dZ, step, *args, **kwargs)
+
+    monkeypatch.setattr(Shard, "backward_apply", lost_once_at_step_2)
+    stream = c.step(job.job_id, 5)
+    assert next(stream).step == 1                    # step 2 in flight, its shard lost
+    list(c.step(twin.job_id, 2))
+    np.testing.assert_array_equal(c.get_params(job.job_id), c.get_params(twin.job_id))   # settled: retried
+    assert lost and job.step == 2 and not job.broken
+    assert [r.step for r in stream] == [2, 3, 4, 5]
+    list(c.step(twin.job_id, 3))
+    np.testing.assert_array_equal(c.get_params(job.job_id), c.get_params(twin.job_id))
+
+
+def test_a_report_in_hand_comes_before_another_calls_failure(monkeypatch):
+    """Call A's step 2 is settled by call B, whose own step 3 then fails: A still gets report 2."""
+    c = Coordinator(LocalShardGroup)
+    job = local_job(c)
+    original = Shard.backward_apply
+
+    def fails_at_step_3(self, token, dZ, step, *args, **kwargs):
+        if step == 3:
+            raise RuntimeError("disk on fire")
+        return original(self, token, dZ, step, *args, **kwargs)
+
+    monkeypatch.setattr(Shard, "backward_apply", fails_at_step_3)
+    a = c.step(job.job_id, 5)
+    assert next(a).step == 1
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        next(c.step(job.job_id, 3))                  # settles A's step 2, then fails its own step 3
+    assert next(a).step == 2                         # applied by every shard: reported
+    with pytest.raises(FailedPrecondition, match="step 3 failed in the shards"):
+        next(a)
+
+
+def test_a_report_in_hand_comes_before_not_found_when_the_job_is_deleted():
+    from service.errors import NotFound
+
+    c = Coordinator(LocalShardGroup)
+    job = local_job(c)
+    stream = c.step(job.job_id, 5)
+    assert next(stream).step == 1
+    c.get_params(job.job_id)                         # settles step 2
+    c.delete_job(job.job_id)
+    assert next(stream).step == 2
+    with pytest.raises(NotFound, match="was deleted"):
+        next(stream)
+
+
+def test_every_applied_step_is_counted_in_the_metrics_even_when_the_client_leaves():
+    from service.metrics import Metrics
+
+    c = Coordinator(LocalShardGroup, metrics=Metrics())
+    job = local_job(c)
+    stream = c.step(job.job_id, 100)
+    assert [next(stream).step for _ in range(3)] == [1, 2, 3]
+    stream.close()                                   # step 4 was in flight: settled and counted
+    assert job.step == 4
+    assert c.metrics.registry.get_sample_value("gradshard_steps_total", {"job_id": job.job_id}) == 4
+
+
+def test_train_by_epochs_counts_from_the_step_in_flight():
+    """A Step call left with a step in flight: Train(epochs=1) still ends at the epoch boundary."""
+    c = Coordinator(LocalShardGroup)
+    job = local_job(c)                               # 40 rows, batch 16: 3 steps an epoch
+    stream = c.step(job.job_id, 10)
+    assert next(stream).step == 1                    # step 2 in flight, job.step still 1
+    events = list(c.train(job.job_id, epochs=1))
+    assert [e.report.step for e in events] == [3] and job.step == 3
+    stream.close()
+
+
+def _twins(client):
+    make = lambda: client.create_job("mlp", hidden=40, shards=2, rows=96, features=30, outputs=4, batch_size=32,
+                                     seed=7, dtype="float64", learning_rate=0.05)
+    return make(), make()
+
+
+def test_calls_between_the_reports_on_real_shards_change_no_result(client, server):
+    """Over gRPC and the lines: GetJob, GetParameters and Evaluate after every report of a Step call."""
+    job, twin = _twins(client)
+    seen = []
+    for report in client.step(job.job_id, 8):
+        seen.append(report.step)
+        described = client.get_job(job.job_id)
+        assert [s.step for s in described.shards] == [described.step] * 2 and described.step >= report.step
+        client.get_params(job.job_id, flat=True)
+        client.evaluate(job.job_id)
+    assert seen == list(range(1, 9))
+    list(client.step(twin.job_id, 8))
+    np.testing.assert_array_equal(client.get_params(job.job_id, flat=True)["flat"],
+                                  client.get_params(twin.job_id, flat=True)["flat"])
+    for j in (job, twin):
+        client.delete_job(j.job_id)
+
+
+def test_a_shard_killed_with_a_step_in_flight_is_recovered_and_the_run_matches(client, server, ray_local):
+    import grpc
+
+    from processes import wait_until_gone
+
+    job, twin = _twins(client)
+    actor = server[1].jobs.get(job.job_id).group.actors[1]
+    pid = ray_local.get(actor.pid.remote())
+    stream = client.step(job.job_id, 6)
+    assert next(stream).step == 1                    # step 2 is in flight (or answered, unread)
+    ray_local.kill(actor)
+    wait_until_gone(pid)
+    # Whichever call reaches the shards next (the Step call settling its step, or GetJob) finds
+    # the shard dead: the step is retried after a recovery, or GetJob's own call is refused
+    try:
+        client.get_job(job.job_id)
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.UNAVAILABLE and "retry the call" in e.details()
+    described = client.get_job(job.job_id)
+    assert not described.error and [s.step for s in described.shards] == [described.step] * 2
+    assert [r.step for r in stream] == [2, 3, 4, 5, 6]
+    list(client.step(twin.job_id, 6))
+    np.testing.assert_array_equal(client.get_params(job.job_id, flat=True)["flat"],
+                                  client.get_params(twin.job_id, flat=True)["flat"])
+    for j in (job, twin):
+        client.delete_job(j.job_id)
