@@ -254,11 +254,15 @@ class ShardChannels:
     def start(self, method: str, args: tuple, kwargs: dict, each: Sequence[dict] | None) -> None:
         """The first half of call(): the call is sent to every shard; finish() reads the answers.
         Nothing else may go on the lines in between."""
-        self._guarded(method, lambda: [send(conn, (method, args, {**kwargs, **(each[s] if each else {})}))
-                                       for s, conn in enumerate(self.conns)])
+        def write() -> None:
+            for s, conn in enumerate(self.conns):
+                send(conn, (method, args, {**kwargs, **(each[s] if each else {})}))
+
+        self._guarded(method, write)
 
     def finish(self, method: str, timeout_s: float) -> list:
-        """The second half of call(): every shard's answer to the call start() sent."""
+        """The second half of call(): every shard's answer to the call start() sent, within
+        timeout_s of this call (not of start(): what the caller did in between is not the shards')."""
         def read() -> list:
             deadline = time.monotonic() + timeout_s
             replies = []
