@@ -202,8 +202,8 @@ class GradShardServicer:
         updates its own slice with the job's optimizer. No shard starts step k+1
         before all have applied step k. One StepReport is streamed per step, sent
         while the shards run the next one. A client that cancels stops the steps at
-        a step boundary: every shard has applied the same steps (up to one more
-        than the client read), and GetJob shows them.
+        a step boundary: every shard has applied the same steps, and GetJob shows
+        them (the client may not have read the reports of the last few).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
