@@ -1,7 +1,6 @@
 """A Step or Train call hands each step's report to its client while the shards run the next
 step (Coordinator._steps): the results equal one step per call, another call settles the step
 in flight, and a client that leaves stops the job at a step boundary."""
-import threading
 import time
 
 import numpy as np
@@ -23,6 +22,21 @@ def local_job(c, **kwargs):
 
 def shard_steps(job):
     return [shard.step for shard in job.group.shards]
+
+
+def break_backward_apply(monkeypatch, at_step, error, shard=None, once=False):
+    """Shard.backward_apply raises `error` at step `at_step` (on shard `shard`, or on each; only
+    the first time if `once`). Returns the indices of the shards that raised."""
+    original, raised = Shard.backward_apply, []
+
+    def breaking(self, token, dZ, step, *args, **kwargs):
+        if step == at_step and shard in (None, self.index) and not (once and raised):
+            raised.append(self.index)
+            raise error
+        return original(self, token, dZ, step, *args, **kwargs)
+
+    monkeypatch.setattr(Shard, "backward_apply", breaking)
+    return raised
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"clip_norm": 0.1}, {"dtype": "float32", "model": "softmax", "hidden": 0}],
@@ -111,14 +125,7 @@ def test_a_step_that_cannot_begin_fails_after_the_previous_report():
 def test_a_step_that_fails_in_the_shards_is_the_error_its_call_sees(monkeypatch):
     c = Coordinator(LocalShardGroup)
     job = local_job(c)
-    original = Shard.backward_apply
-
-    def fails_at_step_3(self, token, dZ, step, *args, **kwargs):
-        if step == 3 and self.index == 1:
-            raise RuntimeError("disk on fire")
-        return original(self, token, dZ, step, *args, **kwargs)
-
-    monkeypatch.setattr(Shard, "backward_apply", fails_at_step_3)
+    break_backward_apply(monkeypatch, 3, RuntimeError("disk on fire"), shard=1)
     stream = c.step(job.job_id, 5)
     assert [next(stream).step for _ in range(2)] == [1, 2]
     with pytest.raises(RuntimeError, match="disk on fire"):
@@ -131,14 +138,7 @@ def test_a_step_that_fails_in_the_shards_is_the_error_its_call_sees(monkeypatch)
 def test_a_failed_step_settled_by_another_call_is_reported_to_both(monkeypatch):
     c = Coordinator(LocalShardGroup)
     job = local_job(c)
-    original = Shard.backward_apply
-
-    def fails_at_step_2(self, token, dZ, step, *args, **kwargs):
-        if step == 2:
-            raise RuntimeError("disk on fire")
-        return original(self, token, dZ, step, *args, **kwargs)
-
-    monkeypatch.setattr(Shard, "backward_apply", fails_at_step_2)
+    break_backward_apply(monkeypatch, 2, RuntimeError("disk on fire"))
     stream = c.step(job.job_id, 5)
     assert next(stream).step == 1                    # step 2 is in flight, and failed
     with pytest.raises(FailedPrecondition, match="step 2 failed in the shards"):
@@ -202,15 +202,8 @@ def test_a_shard_lost_in_a_step_in_flight_is_recovered_by_the_call_that_settles_
 
     c = Coordinator(LocalShardGroup)
     job, twin = local_job(c), local_job(c)
-    original, lost = Shard.backward_apply, []
-
-    def lost_once_at_step_2(self, token, dZ, step, *args, **kwargs):
-        if step == 2 and not lost:
-            lost.append(self.index)
-            raise ShardUnavailable("a shard died during backward_apply: RayActorError; retry the call")
-        return original(self, token, dZ, step, *args, **kwargs)
-
-    monkeypatch.setattr(Shard, "backward_apply", lost_once_at_step_2)
+    lost = break_backward_apply(monkeypatch, 2, ShardUnavailable("a shard died during backward_apply: "
+                                                                 "RayActorError; retry the call"), once=True)
     stream = c.step(job.job_id, 5)
     assert next(stream).step == 1                    # step 2 in flight, its shard lost
     list(c.step(twin.job_id, 2))
@@ -226,14 +219,7 @@ def test_a_report_in_hand_comes_before_another_calls_failure(monkeypatch):
     """Call A's step 2 is settled by call B, whose own step 3 then fails: A still gets report 2."""
     c = Coordinator(LocalShardGroup)
     job = local_job(c)
-    original = Shard.backward_apply
-
-    def fails_at_step_3(self, token, dZ, step, *args, **kwargs):
-        if step == 3:
-            raise RuntimeError("disk on fire")
-        return original(self, token, dZ, step, *args, **kwargs)
-
-    monkeypatch.setattr(Shard, "backward_apply", fails_at_step_3)
+    break_backward_apply(monkeypatch, 3, RuntimeError("disk on fire"))
     a = c.step(job.job_id, 5)
     assert next(a).step == 1
     with pytest.raises(RuntimeError, match="disk on fire"):
