@@ -149,6 +149,34 @@ def test_large_arrays_travel_out_of_band_and_arrive_whole_and_writable():
     np.testing.assert_array_equal(plus_one, big + 1)
 
 
+def test_one_message_encoded_once_reaches_every_shard_whole_large_buffers_included():
+    rng = np.random.default_rng(1)
+    big, small = rng.standard_normal((300, 1000)), rng.standard_normal((256, 10)).astype(np.float32)
+    lines = ShardChannels([ChannelServer(Echo(), "127.0.0.1", KEY).address for _ in range(3)], KEY)
+    out = lines.call("get_params", (big, small), {}, None, 5.0)       # no per-shard arguments: one encoding
+    assert len(out) == 3
+    for got_big, got_small in out:
+        np.testing.assert_array_equal(got_big, big)
+        np.testing.assert_array_equal(got_small, small)
+    pluses = lines.call("set_params", (big,), {}, None, 5.0)           # and again, on the same lines
+    for plus_one in pluses:
+        np.testing.assert_array_equal(plus_one, big + 1)
+    assert pluses[0] is not pluses[1]
+
+
+def test_a_frame_of_unknown_kind_drops_that_connection_only():
+    import pickle
+
+    from workers.channel import connect
+    (server,) = servers(1)
+    bad = connect(server.address, KEY, 5.0)
+    bad.send_bytes(b"\x07" + pickle.dumps(("apply", (0.0,), {})))   # a good pickle behind an unknown first byte
+    with pytest.raises(EOFError):
+        bad.recv_bytes()
+    lines = ShardChannels([server.address], KEY)
+    assert lines.call("apply", (0.0,), {}, None, 5.0) == [0]
+
+
 def test_a_silent_peer_does_not_hold_the_server():
     import socket
     server = ChannelServer(Target(0), "127.0.0.1", KEY, handshake_timeout_s=0.3)

@@ -7,7 +7,7 @@ one script. A step's calls carry O(batch x outputs) numbers, so they go on the l
 the calls that read or write a slice; Ray still places, starts, restarts and kills
 the shards, loads their data, and carries what was put in its object store.
 
-The line is `multiprocessing.connection` (stdlib): length-prefixed pickles over TCP,
+The line is `multiprocessing.connection` (stdlib): length-prefixed frames over TCP, each a pickle,
 with an HMAC challenge both ways on a random key per job that the coordinator hands
 each shard through Ray. The key is the security boundary: anyone may open a TCP
 connection, but only a holder of the key gets past the handshake, and a peer past it
@@ -178,7 +178,18 @@ OUT_OF_BAND_BYTES = 64 << 10
 
 
 def send(conn: Connection, obj: Any) -> None:
-    """One message: a pickle naming the sizes of the large buffers, then their raw bytes."""
+    """One message: a frame holding its pickle, then the raw bytes of its large buffers."""
+    write_frame(conn, *encode(obj))
+
+
+PLAIN, WITH_BUFFERS = 0, 1     # a frame's first byte: its pickle is the message / large buffers follow it
+
+
+def encode(obj: Any) -> tuple[bytes, list[memoryview]]:
+    """A message's frame and its large buffers, for write_frame(); encoded once, a message may
+    go to every shard. A step's calls have no large buffer: one pickle and one write each
+    (a pickle of (head, sizes) around every message, encoded again for each shard, made the
+    time from the last shard's answer to the next call 0.06-0.08 ms longer on this machine)."""
     raws: list[memoryview] = []
 
     def out_of_band(buffer: pickle.PickleBuffer) -> bool:
@@ -189,7 +200,13 @@ def send(conn: Connection, obj: Any) -> None:
         return False
 
     head = pickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
-    conn.send_bytes(pickle.dumps((head, [r.nbytes for r in raws]), protocol=5))
+    if not raws:
+        return bytes((PLAIN,)) + head, raws
+    return bytes((WITH_BUFFERS,)) + pickle.dumps((head, [r.nbytes for r in raws]), protocol=5), raws
+
+
+def write_frame(conn: Connection, frame: bytes, raws: list[memoryview]) -> None:
+    conn.send_bytes(frame)
     for raw in raws:
         while raw.nbytes:
             raw = raw[os.write(conn.fileno(), raw):]
@@ -197,7 +214,13 @@ def send(conn: Connection, obj: Any) -> None:
 
 def receive(conn: Connection) -> Any:
     """The message send() wrote; large buffers are read into fresh (writable) memory."""
-    head, sizes = pickle.loads(conn.recv_bytes())
+    frame = memoryview(conn.recv_bytes())
+    kind = frame[0] if frame.nbytes else None
+    if kind == PLAIN:
+        return pickle.loads(frame[1:])
+    if kind != WITH_BUFFERS:
+        raise ValueError(f"not a frame of the line (first byte {kind})")
+    head, sizes = pickle.loads(frame[1:])
     buffers = [np.empty(n, np.uint8) for n in sizes]
     for buffer in buffers:
         view = memoryview(buffer)
@@ -255,8 +278,9 @@ class ShardChannels:
         """The first half of call(): the call is sent to every shard; finish() reads the answers.
         Nothing else may go on the lines in between."""
         def write() -> None:
+            same = None if each else encode((method, args, kwargs))     # one pickle for every shard
             for s, conn in enumerate(self.conns):
-                send(conn, (method, args, {**kwargs, **(each[s] if each else {})}))
+                write_frame(conn, *(same or encode((method, args, {**kwargs, **each[s]}))))
 
         self._guarded(method, write)
 
