@@ -84,7 +84,10 @@ class ReferenceStep:
 # 100 ms after the reference's last step), which would take a core from the shards' next steps.
 BLAS_SPIN_S = 0.25
 # W1 and W2's rounds: service steps and reference steps kept per round, after WARMUP of each.
-ROUNDS, STEPS, WARMUP = 5, 10, 3
+# 15 rounds: W2 runs of 45 rounds here gave medians of 1.09-1.13 whose five-round stretches
+# ranged over 1.02-1.22, and fifteen-round ones over 1.06-1.17 (what is left is the machine's
+# drift from one minute to the next).
+ROUNDS, STEPS, WARMUP = 15, 10, 3
 
 
 def step_workload(client: Client, name: str, model: str, features: int, outputs: int, hidden: int, rows: int,
@@ -132,10 +135,19 @@ def step_workload(client: Client, name: str, model: str, features: int, outputs:
         row.note = f"coordinator step {statistics.median(r.seconds for r in reports) * 1e3:.2f} ms"
         if ref is not None:
             row.reference_ms = statistics.median(ref_times) * 1e3
-            row.note += f"; ratio: median of {rounds} rounds' ({min(ratios):.2f}–{max(ratios):.2f})"
+            row.note += f"; ratio: median of {rounds} rounds' ({_range_and_middle(ratios)})"
         return row
     finally:
         client.delete_job(job.job_id)
+
+
+def _range_and_middle(values: list[float]) -> str:
+    """"lowest–highest", and the middle half's range when there are enough values for one."""
+    text = f"{min(values):.2f}–{max(values):.2f}"
+    if len(values) >= 4:
+        q = statistics.quantiles(values, n=4)
+        text += f", middle half {q[0]:.2f}–{q[2]:.2f}"
+    return text
 
 
 COORDINATOR = None   # set by bench.run: the embedded coordinator, whose labels the reference needs

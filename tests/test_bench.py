@@ -50,6 +50,7 @@ def test_the_step_workload_keeps_the_measured_steps_of_every_round(harness, clie
     # each round: a Step call of warm-up + kept + 1 (its last step runs no next forward), 4 of them kept
     assert asked == [2 + 4 + 1] * 3 and runs == [(4, 2)] * 3 and row.samples == 3 * 4
     assert len(row.round_ratios) == 3 and row.ratio == statistics.median(row.round_ratios)
+    assert row.note.endswith(f"ratio: median of 3 rounds' ({min(row.round_ratios):.2f}–{max(row.round_ratios):.2f})")
     assert row.workload == "tiny MLP" and row.shards == 2 and row.n_params == 8 * (20 + 1 + 3) + 3
     assert row.service_ms > 0 and row.reference_ms > 0 and row.service_spread_ms >= 0
     assert len(row.shard_ms) == 2 and all(0 < t <= row.service_ms for t in row.shard_ms)
@@ -70,6 +71,13 @@ def test_a_service_step_is_timed_from_the_report_before_it(harness, client):
     assert row.note.startswith("coordinator step ") and row.samples == 12
     with pytest.raises(ValueError, match="warmup must be >= 1"):
         workloads.step_workload(client, "tiny MLP", "mlp", shards=2, warmup=0, **MLP)
+
+
+def test_the_rounds_ratios_are_given_by_their_range_and_middle_half():
+    from bench.workloads import _range_and_middle
+    assert _range_and_middle([1.2, 0.9, 1.0]) == "0.90–1.20"                 # too few for quartiles
+    # quartiles of 1..8 (statistics' exclusive method): 2.25 and 6.75
+    assert _range_and_middle([float(v) for v in range(8, 0, -1)]) == "1.00–8.00, middle half 2.25–6.75"
 
 
 def test_write_keeps_the_notes_after_the_first_section(tmp_path):
