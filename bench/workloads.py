@@ -84,9 +84,9 @@ class ReferenceStep:
 # 100 ms after the reference's last step), which would take a core from the shards' next steps.
 BLAS_SPIN_S = 0.25
 # W1 and W2's rounds: service steps and reference steps kept per round, after WARMUP of each.
-# 15 rounds: W2 runs of 45 rounds here gave medians of 1.09-1.13 whose five-round stretches
-# ranged over 1.02-1.22, and fifteen-round ones over 1.06-1.17 (what is left is the machine's
-# drift from one minute to the next).
+# 15 rounds: three W2 runs of 45 rounds here gave medians of 1.09-1.12; the medians of their
+# non-overlapping stretches of five rounds ranged over 1.02-1.22, those of fifteen over
+# 1.06-1.17 (what is left is the machine's drift from one minute to the next).
 ROUNDS, STEPS, WARMUP = 15, 10, 3
 
 

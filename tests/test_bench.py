@@ -75,8 +75,9 @@ def test_a_service_step_is_timed_from_the_report_before_it(harness, client):
 
 def test_the_rounds_ratios_are_given_by_their_range_and_middle_half():
     from bench.workloads import _range_and_middle
-    assert _range_and_middle([1.2, 0.9, 1.0]) == "0.90–1.20"                 # too few for quartiles
-    # quartiles of 1..8 (statistics' exclusive method): 2.25 and 6.75
+    assert _range_and_middle([1.2, 0.9, 1.0]) == "0.90–1.20"                 # three rounds: the range only
+    # quartiles (statistics' exclusive method) of 1..4: 1.25 and 3.75; of 1..8: 2.25 and 6.75
+    assert _range_and_middle([4.0, 1.0, 3.0, 2.0]) == "1.00–4.00, middle half 1.25–3.75"
     assert _range_and_middle([float(v) for v in range(8, 0, -1)]) == "1.00–8.00, middle half 2.25–6.75"
 
 

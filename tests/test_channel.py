@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import threading
 import time
 
@@ -149,32 +150,51 @@ def test_large_arrays_travel_out_of_band_and_arrive_whole_and_writable():
     np.testing.assert_array_equal(plus_one, big + 1)
 
 
-def test_one_message_encoded_once_reaches_every_shard_whole_large_buffers_included():
+def test_a_call_the_same_for_every_shard_is_encoded_once_and_reaches_each_whole(monkeypatch):
+    import workers.channel as channel
+    encoded = []
+    encode = channel.encode
+    monkeypatch.setattr(channel, "encode", lambda obj: encoded.append(obj[0]) or encode(obj))
+    calls = lambda: [m for m in encoded if m not in ("ok", "error")]   # noqa: E731 (the shards' answers too)
     rng = np.random.default_rng(1)
     big, small = rng.standard_normal((300, 1000)), rng.standard_normal((256, 10)).astype(np.float32)
     lines = ShardChannels([ChannelServer(Echo(), "127.0.0.1", KEY).address for _ in range(3)], KEY)
-    out = lines.call("get_params", (big, small), {}, None, 5.0)       # no per-shard arguments: one encoding
+    out = lines.call("get_params", (big, small), {}, None, 5.0)       # no per-shard arguments
+    assert calls() == ["get_params"]                                  # one encoding, large buffer included
     assert len(out) == 3
     for got_big, got_small in out:
         np.testing.assert_array_equal(got_big, big)
         np.testing.assert_array_equal(got_small, small)
-    pluses = lines.call("set_params", (big,), {}, None, 5.0)           # and again, on the same lines
-    for plus_one in pluses:
-        np.testing.assert_array_equal(plus_one, big + 1)
-    assert pluses[0] is not pluses[1]
+    encoded.clear()
+    pluses = lines.call("set_params", (), {}, [{"theta": big * s} for s in range(3)], 5.0)
+    assert calls() == ["set_params"] * 3                              # each shard its own arguments
+    for s, plus_one in enumerate(pluses):
+        np.testing.assert_array_equal(plus_one, big * s + 1)
 
 
-def test_a_frame_of_unknown_kind_drops_that_connection_only():
-    import pickle
-
+@pytest.mark.parametrize("frame", [
+    b"",                                                   # empty
+    b"\x00",                                               # a kind and no pickle
+    b"\x01",
+    b"\x00not a pickle",
+    b"\x00" + pickle.dumps(("apply", (0.0,), {}))[:-3],     # a truncated pickle
+    b"\x01" + pickle.dumps("x"),                            # not (head, sizes)
+    b"\x01" + pickle.dumps((b"", [-1])),                    # a negative size
+    b"\x07" + pickle.dumps(("apply", (0.0,), {})),          # a good message behind an unknown kind
+    pickle.dumps(("apply", (0.0,), {})),                   # no kind at all (0x80, pickle's first byte)
+], ids=["empty", "plain-only", "buffers-only", "not-a-pickle", "truncated", "not-head-sizes", "negative-size",
+        "unknown-kind", "no-kind"])
+def test_a_frame_that_is_not_the_lines_drops_that_connection_only(frame, caplog):
     from workers.channel import connect
     (server,) = servers(1)
     bad = connect(server.address, KEY, 5.0)
-    bad.send_bytes(b"\x07" + pickle.dumps(("apply", (0.0,), {})))   # a good pickle behind an unknown first byte
-    with pytest.raises(EOFError):
-        bad.recv_bytes()
-    lines = ShardChannels([server.address], KEY)
-    assert lines.call("apply", (0.0,), {}, None, 5.0) == [0]
+    waiting = ShardChannels([server.address], KEY)          # queued behind the bad connection
+    with caplog.at_level("WARNING", logger="workers.channel"):
+        bad.send_bytes(frame)
+        with pytest.raises(EOFError):
+            bad.recv_bytes()                                # the server hung up on it
+        assert waiting.call("apply", (0.0,), {}, None, 5.0) == [0]
+    assert "dropped the connection" in caplog.text
 
 
 def test_a_silent_peer_does_not_hold_the_server():
@@ -196,17 +216,6 @@ def test_connecting_to_a_port_that_never_answers_times_out():
         ShardChannels([mute.getsockname()[:2]], KEY, connect_timeout_s=0.3)
     assert time.monotonic() - t0 < 2.0
     mute.close()
-
-
-def test_a_message_that_does_not_unpickle_drops_that_connection_only():
-    from workers.channel import connect
-    (server,) = servers(1)
-    bad = connect(server.address, KEY, 5.0)
-    bad.send_bytes(b"not a pickle")
-    with pytest.raises(EOFError):
-        bad.recv_bytes()                       # the server hung up on it
-    lines = ShardChannels([server.address], KEY)
-    assert lines.call("apply", (0.0,), {}, None, 5.0) == [0]
 
 
 def test_a_call_that_fails_half_way_closes_the_lines():

@@ -7,13 +7,14 @@ one script. A step's calls carry O(batch x outputs) numbers, so they go on the l
 the calls that read or write a slice; Ray still places, starts, restarts and kills
 the shards, loads their data, and carries what was put in its object store.
 
-The line is `multiprocessing.connection` (stdlib): length-prefixed frames over TCP, each a pickle,
-with an HMAC challenge both ways on a random key per job that the coordinator hands
-each shard through Ray. The key is the security boundary: anyone may open a TCP
-connection, but only a holder of the key gets past the handshake, and a peer past it
-sends pickles, which could run code in the shard. CALLS keeps the line to the step's
-methods; it is not a second boundary. The bytes are not encrypted (nor is Ray's own
-traffic between nodes without TLS): keep the nodes on a private network.
+The line is `multiprocessing.connection` (stdlib): length-prefixed frames over TCP, each a
+byte of kind and a pickle (the raw bytes of large arrays follow it), with an HMAC challenge
+both ways on a random key per job that the coordinator hands each shard through Ray. The
+key is the security boundary: anyone may open a TCP connection, but only a holder of the
+key gets past the handshake, and a peer past it sends pickles, which could run code in the
+shard. CALLS keeps the line to the step's methods; it is not a second boundary. The bytes
+are not encrypted (nor is Ray's own traffic between nodes without TLS): keep the nodes on a
+private network.
 Large arrays travel out of band (pickle protocol 5): written from their own memory and
 read straight into the receiver's, not copied through pickle bytes.
 stdlib and numpy: no Ray, no gRPC.
@@ -187,9 +188,10 @@ PLAIN, WITH_BUFFERS = 0, 1     # a frame's first byte: its pickle is the message
 
 def encode(obj: Any) -> tuple[bytes, list[memoryview]]:
     """A message's frame and its large buffers, for write_frame(); encoded once, a message may
-    go to every shard. A step's calls have no large buffer: one pickle and one write each
-    (a pickle of (head, sizes) around every message, encoded again for each shard, made the
-    time from the last shard's answer to the next call 0.06-0.08 ms longer on this machine)."""
+    go to every shard. A step's call or answer with no array of OUT_OF_BAND_BYTES is one
+    pickle, and one write up to 16 KiB (multiprocessing writes a longer frame's length apart):
+    W2's are. A pickle of (head, sizes) around every message, encoded again for each shard,
+    made the time from the slowest shard's answer to the next call 0.06-0.08 ms longer here."""
     raws: list[memoryview] = []
 
     def out_of_band(buffer: pickle.PickleBuffer) -> bool:
@@ -213,14 +215,16 @@ def write_frame(conn: Connection, frame: bytes, raws: list[memoryview]) -> None:
 
 
 def receive(conn: Connection) -> Any:
-    """The message send() wrote; large buffers are read into fresh (writable) memory."""
+    """The message send() wrote; large buffers are read into fresh (writable) memory.
+
+    EOFError means the line closed; a frame that is not one of send()'s is a ValueError."""
     frame = memoryview(conn.recv_bytes())
-    kind = frame[0] if frame.nbytes else None
-    if kind == PLAIN:
-        return pickle.loads(frame[1:])
-    if kind != WITH_BUFFERS:
-        raise ValueError(f"not a frame of the line (first byte {kind})")
-    head, sizes = pickle.loads(frame[1:])
+    if frame.nbytes < 2 or frame[0] not in (PLAIN, WITH_BUFFERS):
+        first = f"first byte {frame[0]:#04x}" if frame.nbytes else "empty"
+        raise ValueError(f"not a frame of the line ({first}, {frame.nbytes} bytes)")
+    if frame[0] == PLAIN:
+        return _loads(frame[1:])
+    head, sizes = _loads(frame[1:])
     buffers = [np.empty(n, np.uint8) for n in sizes]
     for buffer in buffers:
         view = memoryview(buffer)
@@ -229,7 +233,14 @@ def receive(conn: Connection) -> Any:
             if got == 0:
                 raise EOFError("the line closed in the middle of a message")
             view = view[got:]
-    return pickle.loads(head, buffers=buffers)
+    return _loads(head, buffers)
+
+
+def _loads(data: Any, buffers: list | None = None) -> Any:
+    try:
+        return pickle.loads(data, buffers=buffers)
+    except EOFError as exc:          # a truncated pickle, not a closed line
+        raise ValueError(f"a frame that does not unpickle: {exc}") from None
 
 
 def connect(address: tuple[str, int], authkey: bytes, timeout_s: float) -> Connection:
@@ -280,7 +291,8 @@ class ShardChannels:
         def write() -> None:
             same = None if each else encode((method, args, kwargs))     # one pickle for every shard
             for s, conn in enumerate(self.conns):
-                write_frame(conn, *(same or encode((method, args, {**kwargs, **each[s]}))))
+                frame, raws = same if same is not None else encode((method, args, {**kwargs, **each[s]}))
+                write_frame(conn, frame, raws)
 
         self._guarded(method, write)
 
