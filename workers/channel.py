@@ -191,7 +191,8 @@ def encode(obj: Any) -> tuple[bytes, list[memoryview]]:
     go to every shard. A step's call or answer with no array of OUT_OF_BAND_BYTES is one
     pickle, and one write up to 16 KiB (multiprocessing writes a longer frame's length apart):
     W2's are. A pickle of (head, sizes) around every message, encoded again for each shard,
-    made the time from the slowest shard's answer to the next call 0.06-0.08 ms longer here."""
+    made the time from the end of the slowest shard's compute to the next call 0.06-0.08 ms
+    longer here."""
     raws: list[memoryview] = []
 
     def out_of_band(buffer: pickle.PickleBuffer) -> bool:
