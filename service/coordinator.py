@@ -21,8 +21,7 @@ from service.datasets import DatasetStore
 from service.fdcheck import CheckResult, check_gradient, choose_coordinates
 from service.errors import Aborted, FailedPrecondition, ShardUnavailable
 from service.metrics import Metrics
-from service.jobs import (Job, JobConfig, JobRegistry, Limits, check_room, refuse_broken, refuse_deleted, resolve,
-                          settle, using)
+from service.jobs import Job, JobConfig, JobRegistry, Limits, admit, check_room, resolve, settle, using
 from service.params import flat_from
 from service.shard_group import RayShardGroup, ShardGroup
 from service.state import StateStore
@@ -372,9 +371,7 @@ class Coordinator:
                                 report = inflight.outcome()
                         inflight = None
                     try:                          # as using(job); a report in hand is yielded first
-                        refuse_deleted(job)
-                        settle(job)               # a step another call left in flight
-                        refuse_broken(job)
+                        admit(job)                # settles a step another call left in flight
                         if i == 0:
                             _check_expected(job, expected_step)
                         with self._marking(job):

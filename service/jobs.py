@@ -206,18 +206,16 @@ def using(job: Job) -> Iterator[Job]:
     """Hold the job's lock, refusing a deleted or broken job. A step left in flight by a Step
     or Train call (while it sends its client a report) is settled first."""
     with job.lock:
-        refuse_deleted(job)
-        settle(job)
-        refuse_broken(job)
+        admit(job)
         yield job
 
 
-def refuse_deleted(job: Job) -> None:
+def admit(job: Job) -> None:
+    """What a call on the job does first, under its lock: refuse a deleted job, settle a step
+    left in flight, refuse a job that step (or an earlier one) left unusable."""
     if job.closed:
         raise NotFound(f"no job {job.job_id!r} (it was deleted)")
-
-
-def refuse_broken(job: Job) -> None:
+    settle(job)
     if job.broken:
         raise FailedPrecondition(f"job {job.job_id} is unusable: {job.broken}; delete it and create it again")
 
