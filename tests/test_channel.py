@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from workers.channel import ChannelLost, ChannelServer, ChannelTimeout, RemoteError, ShardChannels, locked
+from workers.channel import ChannelLost, ChannelServer, ChannelTimeout, RemoteError, ShardChannels, locked, readable
 
 KEY = b"k" * 32
 
@@ -100,6 +100,22 @@ def test_a_shard_process_that_dies_mid_call_is_a_lost_line():
         lines.call("apply", (5.0,), {}, None, 30.0)
     assert not isinstance(e.value, ChannelTimeout) and lines.closed
     child.join(5)
+
+
+def test_readable_waits_for_a_frame_or_the_end_of_the_line_and_no_longer_than_asked():
+    here, there = multiprocessing.Pipe()
+    t0 = time.monotonic()
+    assert not readable(here, 0.15)
+    assert 0.14 <= time.monotonic() - t0 < 2
+    assert not readable(here, -1.0)              # a deadline already past: a look, no wait
+    there.send_bytes(b"x")
+    assert readable(here, 0.0) and here.recv_bytes() == b"x"
+    threading.Timer(0.1, there.close).start()
+    t0 = time.monotonic()
+    assert readable(here, 5.0)                   # the far end closing ends the wait: EOF is there to read
+    assert time.monotonic() - t0 < 2
+    with pytest.raises(EOFError):
+        here.recv_bytes()
 
 
 def test_locked_methods_take_turns_and_may_call_each_other():
