@@ -12,6 +12,9 @@ def _f(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+MAX_CALL_TIMEOUT_S = 1e6     # 11.6 days: longer than any call, and finite for every wait it reaches
+
+
 @dataclass(frozen=True)
 class Settings:
     host: str = _f("127.0.0.1", "interface to listen on; loopback unless told otherwise")
@@ -55,8 +58,12 @@ class Settings:
             raise ValueError("tls_cert and tls_key go together")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("tls_client_ca needs tls_cert and tls_key")
-        if self.call_timeout_s <= 0 or self.workers < 1 or self.grace_s < 0:
-            raise ValueError("call_timeout_s > 0, workers >= 1 and grace_s >= 0 are required")
+        # `not (...)` so that NaN fails too; an infinite wait would overflow the waits' clocks
+        if not 0 < self.call_timeout_s <= MAX_CALL_TIMEOUT_S or self.workers < 1 \
+                or not 0 <= self.grace_s <= MAX_CALL_TIMEOUT_S:
+            raise ValueError(f"call_timeout_s in (0, {MAX_CALL_TIMEOUT_S:g}], workers >= 1 and grace_s in "
+                             f"[0, {MAX_CALL_TIMEOUT_S:g}] are required, got {self.call_timeout_s}, {self.workers}, "
+                             f"{self.grace_s}")
 
     @property
     def address(self) -> str:

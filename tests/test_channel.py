@@ -2,6 +2,7 @@
 with plain objects behind it: what Ray would run is tested in the API and lifecycle tests."""
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import pickle
@@ -116,6 +117,14 @@ def test_readable_waits_for_a_frame_or_the_end_of_the_line_and_no_longer_than_as
     assert time.monotonic() - t0 < 2
     with pytest.raises(EOFError):
         here.recv_bytes()
+    here.close()
+
+
+def test_readable_takes_a_wait_longer_than_poll_can_express():
+    here, there = multiprocessing.Pipe()
+    there.send_bytes(b"x")
+    assert readable(here, math.inf) and readable(here, 1e12)      # poll() alone overflows beyond 24.8 days
+    here.close(), there.close()
 
 
 def test_locked_methods_take_turns_and_may_call_each_other():

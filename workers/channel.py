@@ -255,7 +255,11 @@ def readable(conn: Connection, timeout_s: float) -> bool:
     W2 step (bench/RESULTS.md)."""
     poller = select.poll()
     poller.register(conn.fileno(), select.POLLIN)
-    return bool(poller.poll(max(0, math.ceil(timeout_s * 1000))))
+    # poll() takes at most 2**31 - 1 ms (24.8 days); a longer wait is cut to that
+    return bool(poller.poll(max(0, math.ceil(min(timeout_s, _LONGEST_POLL_S) * 1000))))
+
+
+_LONGEST_POLL_S = (2**31 - 1) / 1000
 
 
 def connect(address: tuple[str, int], authkey: bytes, timeout_s: float) -> Connection:
