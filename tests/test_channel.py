@@ -210,10 +210,12 @@ def test_a_call_the_same_for_every_shard_is_encoded_once_and_reaches_each_whole(
 ], ids=["empty", "plain-only", "buffers-only", "not-a-pickle", "truncated", "not-head-sizes", "negative-size",
         "unknown-kind", "no-kind"])
 def test_a_frame_that_is_not_the_lines_drops_that_connection_only(frame, caplog):
-    from workers.channel import connect
+    from workers.channel import connect, receive, send
     (server,) = servers(1)
     bad = connect(server.address, KEY, 5.0)
-    waiting = ShardChannels([server.address], KEY)          # queued behind the bad connection
+    send(bad, ("apply", (0.0,), {}))                        # answered: the server is serving `bad` now,
+    assert receive(bad) == ("ok", 0)                        # so the next connection queues behind it
+    waiting = ShardChannels([server.address], KEY)
     with caplog.at_level("WARNING", logger="workers.channel"):
         bad.send_bytes(frame)
         with pytest.raises(EOFError):
