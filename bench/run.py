@@ -44,7 +44,7 @@ def write_keeping_notes(path: str, head: str) -> None:
 
 def run_description(path: str) -> str:
     """How the table was made, for the head of the results file."""
-    from bench.workloads import ROUNDS, STEPS, WARMUP
+    from bench.workloads import ROUNDS, STEPS, W5_STEPS, WARMUP
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
@@ -57,7 +57,7 @@ def run_description(path: str) -> str:
             f"of the step before to its own, as the client receives them; the note gives the coordinator's own time "
             f"of the step (StepReport.seconds). Medians over the kept steps of all rounds, IQR in brackets; the ratio "
             f"is the median of the rounds' ratios, so that both sides of each meet the same seconds of the machine. "
-            f"W3: 200 steps; W4: "
+            f"W3: 200 steps; W5: {W5_STEPS} steps per size; W4: "
             f"30 fetches of each kind. The reference is the same math in this process (numpy, all cores; for W1 the "
             f"plain two-pass step). W4's client and its ceiling's server each run in a process of their own "
             f"(`bench/fetch.py`).")

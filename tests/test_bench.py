@@ -81,6 +81,14 @@ def test_the_rounds_ratios_are_given_by_their_range_and_middle_half():
     assert _range_and_middle([float(v) for v in range(8, 0, -1)]) == "1.00–8.00, middle half 2.25–6.75"
 
 
+def test_every_w5_size_keeps_at_least_ten_steps_after_warm_up(monkeypatch):
+    calls = []
+    monkeypatch.setattr(workloads, "step_workload", lambda *a, **k: calls.append((a, k)) or workloads.Row(a[1], 2, 0))
+    rows = workloads.bytes_vs_params(client=None)
+    assert [a[3] + 1 for a, _ in calls] == [100_000, 1_000_000, 10_000_000] and len(rows) == 3
+    assert all(k["rounds"] * k["steps"] >= 10 and k["warmup"] >= 1 and not k["reference"] for _, k in calls)
+
+
 def test_write_keeps_the_notes_after_the_first_section(tmp_path):
     path = tmp_path / "RESULTS.md"
     write_keeping_notes(str(path), "# Benchmark results\n\nold table\n")
