@@ -246,6 +246,9 @@ def _loads(data: Any, buffers: list | None = None) -> Any:
         raise ValueError(f"a frame that does not unpickle: {exc}") from None
 
 
+_LONGEST_POLL_S = (2**31 - 1) / 1000     # poll()'s longest wait, 24.8 days
+
+
 def readable(conn: Connection, timeout_s: float) -> bool:
     """Whether conn has something to read (a frame, or its end) within timeout_s.
 
@@ -255,11 +258,8 @@ def readable(conn: Connection, timeout_s: float) -> bool:
     W2 step (bench/RESULTS.md)."""
     poller = select.poll()
     poller.register(conn.fileno(), select.POLLIN)
-    # poll() takes at most 2**31 - 1 ms (24.8 days); a longer wait is cut to that
+    # a longer wait than poll() can express is cut to its longest
     return bool(poller.poll(max(0, math.ceil(min(timeout_s, _LONGEST_POLL_S) * 1000))))
-
-
-_LONGEST_POLL_S = (2**31 - 1) / 1000
 
 
 def connect(address: tuple[str, int], authkey: bytes, timeout_s: float) -> Connection:
