@@ -102,4 +102,7 @@ def serve(settings: Settings, ready: threading.Event | None = None) -> None:
     log.info("shutting down (grace %.1f s)", settings.grace_s)
     health_servicer.enter_graceful_shutdown()
     server.stop(settings.grace_s).wait()
+    if state is not None:
+        # after the calls, so that no step lands after its job's checkpoint
+        log.info("saved %d jobs to %s", len(coordinator.save_all()), settings.state_dir)
     coordinator.close()

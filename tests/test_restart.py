@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
@@ -25,9 +26,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(state_dir, port):
+def start_server(state_dir, port, *flags):
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--ray-cpus", "2",
-                             "--object-store-mb", "256", "--state-dir", str(state_dir)], cwd=ROOT,
+                             "--object-store-mb", "256", "--state-dir", str(state_dir), *flags], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     client = Client(f"127.0.0.1:{port}", timeout=120)
     client.wait_until_serving(timeout=120)
@@ -78,19 +79,81 @@ def test_a_killed_server_resumes_its_jobs_from_the_last_checkpoint(tmp_path):
             kill(proc)
 
 
-def test_a_graceful_stop_keeps_the_state(tmp_path):
+def test_a_graceful_stop_saves_every_job_where_it_stopped(tmp_path):
     state, port = tmp_path / "state", free_port()
     proc, client = start_server(state, port)
     try:
-        job = client.create_job("linear", rows=20, features=3, dtype="float64", checkpoint_every=2)
-        list(client.step(job.job_id, 4))
+        moved = client.create_job("linear", rows=20, features=3, dtype="float64", checkpoint_every=5,
+                                  optimizer=optimizer("adam"), learning_rate=0.05)
+        list(client.step(moved.job_id, 7))               # periodic checkpoint at 5; steps 6 and 7 after it
+        at_7 = client.get_params(moved.job_id, flat=True)["flat"]
+        idle = client.create_job("softmax", rows=12, features=4, outputs=3, shards=2, dtype="float64")
         proc.send_signal(signal.SIGTERM)                  # as Kubernetes stops a pod
         assert proc.wait(timeout=60) == 0
+        manifest = json.loads((state / "jobs" / moved.job_id / "manifest.json").read_text())
+        assert manifest["step"] == 7
+
         proc, client = start_server(state, port)
-        assert [(j.job_id, j.step) for j in client.list_jobs()] == [(job.job_id, 4)]
+        assert sorted((j.job_id, j.step, j.checkpoint_step) for j in client.list_jobs()) == \
+            sorted([(moved.job_id, 7, 7), (idle.job_id, 0, 0)])
+        np.testing.assert_array_equal(client.get_params(moved.job_id, flat=True)["flat"], at_7)
+        # Adam's moments came back too: the next steps are those the stopped server would have run.
+        list(client.step(moved.job_id, 2, expected_step=7))
+        after = client.get_params(moved.job_id, flat=True)["flat"]
+        kill(proc)
+
+        fresh = tmp_path / "fresh"                        # the same job, never stopped
+        proc, client = start_server(fresh, port)
+        again = client.create_job("linear", rows=20, features=3, dtype="float64", checkpoint_every=5,
+                                  optimizer=optimizer("adam"), learning_rate=0.05)
+        list(client.step(again.job_id, 9))
+        np.testing.assert_array_equal(client.get_params(again.job_id, flat=True)["flat"], after)
     finally:
         if proc.poll() is None:
             kill(proc)
+
+
+def test_a_graceful_stop_in_the_middle_of_a_step_call_keeps_every_step_reported(tmp_path):
+    state, port = tmp_path / "state", free_port()
+    proc, client = start_server(state, port, "--grace-s", "0.5")
+    try:
+        spec = dict(rows=40, features=3, dtype="float64", batch_size=8, checkpoint_every=100_000,
+                    optimizer=optimizer("adam"), learning_rate=0.05)
+        job = client.create_job("linear", **spec)
+        reports = client.step(job.job_id, 1_000_000)
+        seen = [next(reports).step for _ in range(20)]    # the call is running: stop the server under it
+        proc.send_signal(signal.SIGTERM)
+        with pytest.raises(grpc.RpcError):
+            seen += [r.step for r in reports]
+        assert proc.wait(timeout=60) == 0
+
+        proc, client = start_server(state, port)
+        step = client.get_job(job.job_id).step
+        assert step >= seen[-1] >= 20                      # no step the client was told of was lost
+        kept = client.get_params(job.job_id, flat=True)["flat"]
+        again = client.create_job("linear", **spec)       # the same job run to that step without a stop
+        list(client.step(again.job_id, step))
+        np.testing.assert_array_equal(kept, client.get_params(again.job_id, flat=True)["flat"])
+    finally:
+        if proc.poll() is None:
+            kill(proc)
+
+
+def test_a_job_that_cannot_be_saved_at_a_stop_is_logged_and_the_others_are_saved(ray_local, tmp_path, caplog):
+    from service.coordinator import Coordinator
+    coordinator = Coordinator(call_timeout_s=120, state=StateStore(str(tmp_path)))
+    try:
+        config = JobConfig("linear", DataSpec("synthetic", rows=8, seed=1), features=3, shards=2)
+        good, bad = coordinator.create_job(config), coordinator.create_job(config)
+        for job in (good, bad):
+            list(coordinator.step(job.job_id, 3))
+        bad.broken = "a test made it unusable"
+        assert coordinator.save_all() == [good.job_id]
+        assert f"could not save {bad.job_id} before stopping" in caplog.text
+        assert {job_id: step for job_id, _, step, _ in StateStore(str(tmp_path)).load()} == \
+            {good.job_id: 3, bad.job_id: 0}                 # the unusable one keeps its last checkpoint
+    finally:
+        coordinator.close()
 
 
 def states(n, step):
