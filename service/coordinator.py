@@ -19,7 +19,7 @@ import numpy as np
 
 from service.datasets import DatasetStore
 from service.fdcheck import CheckResult, check_gradient, choose_coordinates
-from service.errors import Aborted, FailedPrecondition, ShardUnavailable
+from service.errors import Aborted, FailedPrecondition, NotFound, ShardUnavailable
 from service.metrics import Metrics
 from service.jobs import Job, JobConfig, JobRegistry, Limits, admit, check_room, resolve, settle, using
 from service.params import flat_from
@@ -218,7 +218,11 @@ class Coordinator:
         periodic checkpoint. Returns the jobs saved. A job that cannot be saved (a dead shard,
         a full disk, a job already unusable) is logged and keeps its last complete checkpoint.
         Every job is written, changed or not: the one in memory may be ahead of the disk (a
-        checkpoint whose write failed), and one more write per job is what a periodic one costs."""
+        checkpoint whose write failed), and one more write per job is what a periodic one costs.
+
+        A saved job is closed at once, under its lock: gRPC's stop() does not wait for the
+        handler threads it has let go of, and one of them, waiting for the lock, would
+        otherwise begin a step after the checkpoint."""
         if self.state is None:
             return []
         saved = []
@@ -226,16 +230,17 @@ class Coordinator:
             t0 = time.perf_counter()
             try:
                 with using(job):
-                    take_checkpoint(job, self.state)
+                    step = take_checkpoint(job, self.state).step
+                    job.closed = True
+            except NotFound:
+                continue                       # deleted meanwhile: nothing to keep
             except Exception as exc:
-                step = job.checkpoint.step if job.checkpoint is not None else 0
                 log.warning("could not save %s before stopping (%s: %s); the next start resumes it at its last "
-                            "saved checkpoint", job.job_id, type(exc).__name__, exc, extra={"job_id": job.job_id,
-                                                                                         "step": step})
+                            "saved checkpoint", job.job_id, type(exc).__name__, exc, extra={"job_id": job.job_id})
                 continue
             saved.append(job.job_id)
-            log.info("saved %s at step %d before stopping (%.2f s)", job.job_id, job.step, time.perf_counter() - t0,
-                     extra={"job_id": job.job_id, "step": job.step})
+            log.info("saved %s at step %d before stopping (%.2f s)", job.job_id, step, time.perf_counter() - t0,
+                     extra={"job_id": job.job_id, "step": step})
         return saved
 
     def close(self) -> None:

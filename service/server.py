@@ -103,6 +103,6 @@ def serve(settings: Settings, ready: threading.Event | None = None) -> None:
     health_servicer.enter_graceful_shutdown()
     server.stop(settings.grace_s).wait()
     if state is not None:
-        # after the calls, so that no step lands after its job's checkpoint
+        # after the calls; each job saved is closed, so no handler still running begins a step after it
         log.info("saved %d jobs to %s", len(coordinator.save_all()), settings.state_dir)
     coordinator.close()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from service.client import Client, optimizer
+from service.errors import NotFound
 from service.jobs import JobConfig
 from service.state import StateStore
 from workers.shard import DataSpec
@@ -124,7 +125,8 @@ def test_a_graceful_stop_in_the_middle_of_a_step_call_keeps_every_step_reported(
         seen = [next(reports).step for _ in range(20)]    # the call is running: stop the server under it
         proc.send_signal(signal.SIGTERM)
         with pytest.raises(grpc.RpcError):
-            seen += [r.step for r in reports]
+            for r in reports:                             # the reports of the grace, then the stop
+                seen.append(r.step)
         assert proc.wait(timeout=60) == 0
 
         proc, client = start_server(state, port)
@@ -144,14 +146,16 @@ def test_a_job_that_cannot_be_saved_at_a_stop_is_logged_and_the_others_are_saved
     coordinator = Coordinator(call_timeout_s=120, state=StateStore(str(tmp_path)))
     try:
         config = JobConfig("linear", DataSpec("synthetic", rows=8, seed=1), features=3, shards=2)
-        good, bad = coordinator.create_job(config), coordinator.create_job(config)
-        for job in (good, bad):
+        first, bad, last = (coordinator.create_job(config) for _ in range(3))
+        for job in (first, bad, last):
             list(coordinator.step(job.job_id, 3))
         bad.broken = "a test made it unusable"
-        assert coordinator.save_all() == [good.job_id]
+        assert coordinator.save_all() == [first.job_id, last.job_id]
         assert f"could not save {bad.job_id} before stopping" in caplog.text
         assert {job_id: step for job_id, _, step, _ in StateStore(str(tmp_path)).load()} == \
-            {good.job_id: 3, bad.job_id: 0}                 # the unusable one keeps its last checkpoint
+            {first.job_id: 3, bad.job_id: 0, last.job_id: 3}   # the unusable one keeps its last checkpoint
+        with pytest.raises(NotFound):                      # a saved job begins no step after its checkpoint
+            list(coordinator.step(first.job_id, 1))
     finally:
         coordinator.close()
 
