@@ -1,5 +1,6 @@
 """The coordinator killed with SIGKILL and started again on the same --state-dir: its jobs come
-back at their last complete checkpoint, with bitwise the parameters they had there."""
+back at their last complete checkpoint, with bitwise the parameters they had there. Stopped
+with SIGTERM instead, it saves every job first: they come back at the step they reached."""
 import json
 import os
 import signal
