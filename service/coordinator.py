@@ -233,7 +233,8 @@ class Coordinator:
                     step = take_checkpoint(job, self.state).step
                     job.closed = True
             except NotFound:
-                continue                       # deleted meanwhile: nothing to keep
+                log.debug("%s was deleted before it could be saved", job.job_id, extra={"job_id": job.job_id})
+                continue
             except Exception as exc:
                 log.warning("could not save %s before stopping (%s: %s); the next start resumes it at its last "
                             "saved checkpoint", job.job_id, type(exc).__name__, exc, extra={"job_id": job.job_id})
@@ -246,7 +247,10 @@ class Coordinator:
     def close(self) -> None:
         """Stop every job's shards (server shutdown). Durable state stays for the next start."""
         for job in self.jobs.all():
-            self.jobs.pop(job.job_id)
+            try:
+                self.jobs.pop(job.job_id)
+            except (NotFound, KeyError):      # a DeleteJob still running took it: it stops the shards
+                continue
             with job.lock:
                 job.closed = True
                 job.inflight = None

@@ -89,7 +89,8 @@ def test_a_graceful_stop_saves_every_job_where_it_stopped(tmp_path):
                                   optimizer=optimizer("adam"), learning_rate=0.05)
         list(client.step(moved.job_id, 7))               # periodic checkpoint at 5; steps 6 and 7 after it
         at_7 = client.get_params(moved.job_id, flat=True)["flat"]
-        idle = client.create_job("softmax", rows=12, features=4, outputs=3, shards=2, dtype="float64")
+        other = client.create_job("softmax", rows=12, features=4, outputs=3, shards=2, dtype="float64")
+        list(client.step(other.job_id, 3))                # checkpoints every 50 steps: only at 0 until the stop
         proc.send_signal(signal.SIGTERM)                  # as Kubernetes stops a pod
         assert proc.wait(timeout=60) == 0
         manifest = json.loads((state / "jobs" / moved.job_id / "manifest.json").read_text())
@@ -97,7 +98,7 @@ def test_a_graceful_stop_saves_every_job_where_it_stopped(tmp_path):
 
         proc, client = start_server(state, port)
         assert sorted((j.job_id, j.step, j.checkpoint_step) for j in client.list_jobs()) == \
-            sorted([(moved.job_id, 7, 7), (idle.job_id, 0, 0)])
+            sorted([(moved.job_id, 7, 7), (other.job_id, 3, 3)])
         np.testing.assert_array_equal(client.get_params(moved.job_id, flat=True)["flat"], at_7)
         # Adam's moments came back too: the next steps are those the stopped server would have run.
         list(client.step(moved.job_id, 2, expected_step=7))
