@@ -249,7 +249,7 @@ class Coordinator:
         for job in self.jobs.all():
             try:
                 self.jobs.pop(job.job_id)
-            except (NotFound, KeyError):      # a DeleteJob still running took it: it stops the shards
+            except NotFound:                  # a DeleteJob still running took it: it stops the shards
                 continue
             with job.lock:
                 job.closed = True

@@ -254,9 +254,14 @@ class JobRegistry:
         return job
 
     def pop(self, job_id: str) -> Job:
-        job = self.get(job_id)
+        """Remove and return a job; NotFound if it is unknown or another thread took it first."""
+        if not job_id:
+            raise ValueError("job_id is empty")
         with self._lock:
-            return self._jobs.pop(job.job_id)
+            job = self._jobs.pop(job_id, None)
+        if job is None:
+            raise NotFound(f"no job {job_id!r}")
+        return job
 
     def all(self) -> list[Job]:
         with self._lock:
