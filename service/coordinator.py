@@ -21,7 +21,8 @@ from service.datasets import DatasetStore
 from service.fdcheck import CheckResult, check_gradient, choose_coordinates
 from service.errors import Aborted, FailedPrecondition, NotFound, ShardUnavailable
 from service.metrics import Metrics
-from service.jobs import Job, JobConfig, JobRegistry, Limits, admit, check_room, resolve, settle, using
+from service.jobs import (DELETED, STOPPING, Job, JobConfig, JobRegistry, Limits, admit, check_room, resolve, settle,
+                          using)
 from service.params import flat_from
 from service.shard_group import RayShardGroup, ShardGroup
 from service.state import StateStore
@@ -177,7 +178,7 @@ class Coordinator:
     def delete_job(self, job_id: str) -> None:
         job = self.jobs.pop(job_id)
         with job.lock:
-            job.closed = True
+            job.closed = DELETED
             job.inflight = None           # a step in flight ends with the shards
             job.group.close()
         if self.metrics:
@@ -231,7 +232,7 @@ class Coordinator:
             try:
                 with using(job):
                     step = take_checkpoint(job, self.state).step
-                    job.closed = True
+                    job.closed = STOPPING
             except NotFound:
                 log.debug("%s was deleted before it could be saved", job.job_id, extra={"job_id": job.job_id})
                 continue
@@ -252,7 +253,7 @@ class Coordinator:
             except NotFound:                  # a DeleteJob still running took it: it stops the shards
                 continue
             with job.lock:
-                job.closed = True
+                job.closed = STOPPING
                 job.inflight = None
                 job.group.close()
             if self.metrics:

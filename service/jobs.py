@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.errors import FailedPrecondition, NotFound, ResourceExhausted
+from service.errors import FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from service.shard_group import ShardGroup
 from workers.data import holdout_split, prepare_labels
 from workers.models import ModelSpec
@@ -170,7 +170,8 @@ class Job:
     train_rows: np.ndarray | None = None      # None: every row trains
     checkpoint: object = None     # service.recovery.Checkpoint: the latest copy of every shard's state
     lr_log: dict = field(default_factory=dict)   # step -> base learning-rate override, for replay
-    closed: bool = False          # deleted: calls that still hold the object must not touch the shards
+    closed: str = ""              # DELETED or STOPPING ("": open): calls that still hold the object must not touch
+                                  # the shards
     shard_epoch: int = 0          # bumped by every call that may replace what the shards keep from a forward
     prefetched: object = None     # service.step.Prefetch: the next step's forward, computed during this one
     broken: str = ""              # why the shards may disagree (a failed step); "" when they agree
@@ -210,9 +211,18 @@ def using(job: Job) -> Iterator[Job]:
         yield job
 
 
+# Why a job was closed (Job.closed): a DeleteJob took it, or the server is stopping and has
+# saved it or stopped its shards. A call still waiting for such a job hears which: the job the
+# server is stopping for is not gone (with --state-dir it resumes at the next start).
+DELETED, STOPPING = "deleted", "stopping"
+
+
 def admit(job: Job) -> None:
-    """What a call on the job does first, under its lock: refuse a deleted job, settle a step
-    left in flight, refuse a job that step (or an earlier one) left unusable."""
+    """What a call on the job does first, under its lock: refuse a closed job (NOT_FOUND when
+    deleted, UNAVAILABLE when the server is stopping), settle a step left in flight, refuse a
+    job that step (or an earlier one) left unusable."""
+    if job.closed == STOPPING:
+        raise Unavailable(f"the server is stopping; job {job.job_id} takes no more calls until it starts again")
     if job.closed:
         raise NotFound(f"no job {job.job_id!r} (it was deleted)")
     settle(job)

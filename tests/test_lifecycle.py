@@ -8,9 +8,10 @@ import pytest
 from processes import wait_until_gone
 from service.client import optimizer
 from service.coordinator import Coordinator
-from service.errors import FailedPrecondition, NotFound
+from service.errors import FailedPrecondition, NotFound, Unavailable
 from service.jobs import JobConfig
 from service.shard_group import LocalShardGroup
+from service.state import StateStore
 from workers.shard import DataSpec, Shard
 
 
@@ -137,6 +138,25 @@ def test_calls_on_a_deleted_job_object_are_not_found():
     done.wait(5)
     with pytest.raises(NotFound, match="was deleted"):
         next(stream)
+
+
+@pytest.mark.parametrize("saved", [True, False], ids=["saved by a graceful stop", "closed at shutdown"])
+def test_a_step_call_still_running_when_the_server_stops_hears_unavailable_not_not_found(tmp_path, saved):
+    # The job is not gone: with --state-dir it resumes at the next start, so a client must not
+    # be told NOT_FOUND (nor the metrics count one).
+    c = Coordinator(LocalShardGroup, state=StateStore(str(tmp_path)) if saved else None)
+    job = local_job(c)
+    stream = c.step(job.job_id, 5)
+    assert next(stream).step == 1                        # step 2 is in flight; the job's lock is free
+    if saved:
+        assert c.save_all() == [job.job_id]              # settles step 2, saves it, closes the job
+    c.close()                                            # without a save, the step in flight ends with the shards
+    if saved:
+        assert next(stream).step == 2                    # the report of the step saved comes first
+    with pytest.raises(Unavailable, match="the server is stopping"):
+        next(stream)
+    if saved:
+        assert [step for _, _, step, _ in StateStore(str(tmp_path)).load()] == [2]
 
 
 def test_bytes_per_step_do_not_depend_on_the_parameter_count():
