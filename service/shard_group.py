@@ -29,6 +29,10 @@ PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD")
 BUNDLE_CPU_FLOOR = 0.01       # the bundle of a shard that reserves no CPU (cpus_per_shard = 0)
 PLACEMENT_TIMEOUT_S = 30.0
 CHANNEL_RETRY_S = 60.0        # Ray calls for this long after the lines to a job's shards failed to open
+# While a call on the lines waits longer than this, Ray is asked this often whether the shards'
+# nodes are alive: a node that hangs or vanishes sends nothing (no FIN; a hung one even
+# answers TCP's keepalives), and the wait would otherwise last the call's whole timeout.
+NODE_CHECK_S = 5.0
 # Calls that only copy out a shard's array: lent from its shared memory when it is on this node
 # (RayShardGroup.lend).
 SHARED_READS = {"get_params": "theta", "get_grad": "grad"}
@@ -160,6 +164,7 @@ class RayShardGroup:
         self._authkey = os.urandom(32)
         self._channels: ShardChannels | None = None
         self._shared: list[tuple[int, dict[str, np.ndarray]]] | None = None   # (pid, views) per shard, with the lines
+        self._nodes: list[str] = []            # each shard's node when the lines were opened
         self._channels_retry_at = 0.0          # after a failure to open them: Ray calls until then
         self._channel_lock = threading.Lock()
         log.info("started %d shard actors (%s), %d BLAS threads each", plan.n_shards, placement, threads)
@@ -204,8 +209,26 @@ class RayShardGroup:
         return self.call(method)
 
     def _finish_on(self, channels: ShardChannels, method: str) -> list:
+        check = self._nodes_alive(method, list(self._nodes))
         with self._channel_lock:
-            return self._on_channels(channels, method, lambda: channels.finish(method, self.timeout_s))
+            return self._on_channels(channels, method,
+                                     lambda: channels.finish(method, self.timeout_s, check, NODE_CHECK_S))
+
+    def _nodes_alive(self, method: str, nodes: list[str]) -> Callable[[], None]:
+        """A check for a long wait on the lines: ShardUnavailable once Ray has declared a
+        shard's node dead (its health checks failed), so that the job is recovered then, not
+        after the call's whole timeout. If Ray cannot be asked, the wait goes on."""
+        def check() -> None:
+            try:
+                alive_nodes = {n["NodeID"] for n in self._ray.nodes() if n.get("Alive")}
+            except Exception as exc:           # noqa: BLE001 - the GCS busy or restarting: keep waiting
+                log.debug("cannot ask Ray for its nodes during %s (%s: %s)", method, type(exc).__name__, exc)
+                return
+            gone = [s for s, node in enumerate(nodes) if node not in alive_nodes]
+            if gone:
+                raise ShardUnavailable(f"the node of shard {gone[0]} is gone (Ray declared it dead) during {method}; "
+                                       "retry the call")
+        return check
 
     def _on_channels(self, channels: ShardChannels, method: str, io: Callable[[], Any]) -> Any:
         """io() (one half of a call on the lines), its failures said as the Ray path says them."""
@@ -234,7 +257,9 @@ class RayShardGroup:
         try:
             addresses = self._get([a.open_channel.remote(self._authkey) for a in self.actors], "open_channel")
             self._channels = ShardChannels(addresses, self._authkey)
-            self._shared = self._map_shared()
+            answers = self._get([a.shared_arrays.remote() for a in self.actors], "shared_arrays")
+            self._nodes = [node for node, _ in answers]
+            self._shared = self._map_shared(answers)
         except ShardUnavailable:
             raise                              # a dead shard: recovery, as on the Ray path
         except Exception as exc:               # cannot bind, refused, filtered (timed out), handshake failed
@@ -244,13 +269,14 @@ class RayShardGroup:
             return None
         return self._channels
 
-    def _map_shared(self) -> list[tuple[int, dict[str, np.ndarray]]] | None:
-        """Read-only views of every shard's parameters and kept gradient if all run on this
-        node and this process may open them (workers.shared); else None: ask over the lines."""
+    def _map_shared(self, answers: list[tuple[str, dict]]) -> list[tuple[int, dict[str, np.ndarray]]] | None:
+        """Read-only views of every shard's parameters and kept gradient (the shards' answers to
+        shared_arrays) if all run on this node and this process may open them (workers.shared);
+        else None: ask over the lines."""
         here = self._ray.get_runtime_context().get_node_id()
         mapped = []
         try:
-            for node, arrays in self._get([a.shared_arrays.remote() for a in self.actors], "shared_arrays"):
+            for node, arrays in answers:
                 if node != here or set(arrays) != set(SHARED_READS.values()):
                     return None
                 mapped.append((arrays["theta"].pid, {name: open_shared(w) for name, w in arrays.items()}))

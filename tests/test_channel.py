@@ -84,6 +84,43 @@ def test_a_slow_shard_times_out_closes_the_lines_and_a_new_connection_works():
     assert again.call("apply", (0.0,), {}, None, 5.0) == [0, 1]
 
 
+class NodeGone(Exception):
+    pass
+
+
+def test_a_long_wait_asks_its_check_and_ends_when_the_check_raises():
+    """What the coordinator does for a shard whose node hangs: the line is open and silent,
+    and the check (Ray's view of the nodes, in the service) ends the wait long before the timeout."""
+    lines = ShardChannels([s.address for s in servers(2)], KEY)
+    checks = []
+
+    def check():
+        checks.append(time.monotonic())
+        if len(checks) == 3:
+            raise NodeGone("shard 1's node is gone")
+
+    t0 = time.monotonic()
+    lines.start("apply", (3.0,), {}, None)
+    with pytest.raises(NodeGone):
+        lines.finish("apply", 30.0, check, check_every_s=0.1)
+    assert len(checks) == 3 and 0.25 < checks[-1] - t0 < 1.5      # every 0.1 s, not at the 30 s timeout
+    assert lines.closed                                            # the late answer must not be read as the next
+
+
+def test_a_check_that_finds_nothing_leaves_the_answer_and_the_timeout_as_they_were():
+    srv = servers(2)
+    lines = ShardChannels([s.address for s in srv], KEY)
+    checks = []
+    lines.start("apply", (0.5,), {}, None)
+    assert lines.finish("apply", 5.0, lambda: checks.append(1), check_every_s=0.1) == [0, 1]
+    assert 2 <= len(checks) <= 10                                  # asked while the shards worked 0.5 s
+    t0 = time.monotonic()
+    lines.start("apply", (1.0,), {}, None)
+    with pytest.raises(ChannelTimeout, match="within 0.3 s"):
+        lines.finish("apply", 0.3, lambda: None, check_every_s=0.1)
+    assert time.monotonic() - t0 < 0.9 and lines.closed
+
+
 def _serve_in_child(queue):
     server = ChannelServer(Target(0), "127.0.0.1", KEY)
     queue.put(server.address)

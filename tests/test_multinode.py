@@ -54,3 +54,23 @@ def test_removing_a_node_under_strict_spread_is_reported_clearly(findings):
     assert second[0] == "FAILED_PRECONDITION" and "delete it and create it again" in second[1]
     assert "a shard died" in findings["job_error"]
     assert findings["after_removal_seconds"] < 90
+
+
+@pytest.fixture(scope="module")
+def hung():
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "hung_node_run.py")], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"no findings (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(lines[-1])
+
+
+def test_a_step_call_over_a_node_that_hangs_recovers_once_ray_declares_the_node_dead(hung):
+    """The node's processes stopped (SIGSTOP): the line stays open and silent. The call asks Ray
+    about the shards' nodes while it waits, so it recovers within seconds of Ray's verdict
+    instead of waiting out its timeout (60 s here, 600 s by default)."""
+    assert hung["victim_holds_a_shard"] and "raylet" in hung["stopped"]
+    assert hung["steps"] == [4, 5], hung                    # Step recovered by itself and went on
+    assert hung["step_call_seconds"] < hung["call_timeout_s"] / 2, hung
+    assert hung["victim"] not in hung["nodes_after"]
+    assert hung["same_parameters_as_a_job_never_hung"]

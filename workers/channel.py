@@ -315,16 +315,24 @@ class ShardChannels:
 
         self._guarded(method, write)
 
-    def finish(self, method: str, timeout_s: float) -> list:
+    def finish(self, method: str, timeout_s: float, check: Callable[[], None] | None = None,
+               check_every_s: float = 5.0) -> list:
         """The second half of call(): every shard's answer to the call start() sent, within
-        timeout_s of this call (not of start(): what the caller did in between is not the shards')."""
+        timeout_s of this call (not of start(): what the caller did in between is not the shards').
+
+        While it waits, check() (if given) runs every check_every_s seconds; what it raises
+        ends the wait, the lines closed. A shard whose node hangs or vanishes sends nothing,
+        not even a FIN, and the caller may know sooner than timeout_s (Ray declares the node dead)."""
         def read() -> list:
             deadline = time.monotonic() + timeout_s
             replies = []
             for conn in self.conns:
-                if not readable(conn, deadline - time.monotonic()):
-                    self.close()             # a late answer would put the line out of step
-                    raise ChannelTimeout(f"shards did not finish {method} within {timeout_s:g} s")
+                while not readable(conn, min(deadline - time.monotonic(), check_every_s if check else math.inf)):
+                    if time.monotonic() >= deadline:
+                        self.close()         # a late answer would put the line out of step
+                        raise ChannelTimeout(f"shards did not finish {method} within {timeout_s:g} s")
+                    if check is not None:
+                        check()
                 replies.append(receive(conn))
             return replies
 
