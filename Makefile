@@ -22,9 +22,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-# Service vs in-process numpy on the workloads of bench/; writes bench/RESULTS.md (takes minutes).
+# Service vs in-process numpy on the workloads of bench/, three runs and the verdict on the
+# targets; writes bench/RESULTS.md (takes about ten minutes on 2 cores).
 bench: $(STAMP)
-	$(VENV)/bin/gradshard bench --write bench/RESULTS.md
+	$(VENV)/bin/gradshard bench --runs 3 --write bench/RESULTS.md
 
 # Regenerate the committed stubs (tests/test_protos.py fails when they drift).
 protos: $(STAMP)

@@ -1,7 +1,12 @@
-"""`make bench` / `gradshard bench`: run the workloads and print (and optionally write) the table.
+"""`make bench` / `gradshard bench`: run the workloads and print (and optionally write) the table,
+then the targets of the performance issue and whether each was met (bench/targets.py).
 
     python -m bench.run                      # embedded coordinator on a local Ray, print the table
-    python -m bench.run --write bench/RESULTS.md
+    python -m bench.run --runs 3             # three runs in a row: each target's figure in each, their median
+    python -m bench.run --runs 3 --write bench/RESULTS.md
+
+On a machine whose speed drifts (a small VM: two runs minutes apart have differed by half in
+W4), one run says little; `make bench` runs three.
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ def write_keeping_notes(path: str, head: str) -> None:
     os.replace(tmp, path)
 
 
-def run_description(path: str) -> str:
+def run_description(path: str, runs: int = 1) -> str:
     """How the table was made, for the head of the results file."""
     from bench.workloads import ROUNDS, STEPS, W5_STEPS, WARMUP
     try:
@@ -50,8 +55,11 @@ def run_description(path: str) -> str:
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except OSError:               # no git: an installed copy
         commit = ""
-    text = (f"Run: `python -m bench.run --write {path}` on {time.strftime('%Y-%m-%d', time.gmtime())}"
-            f"{f' at {commit}' if commit else ''}. W1, W2: {ROUNDS} rounds, each of {STEPS} service steps (kept from "
+    how = f"--runs {runs} --write {path}" if runs > 1 else f"--write {path}"
+    text = (f"Run: `python -m bench.run {how}` on {time.strftime('%Y-%m-%d', time.gmtime())}"
+            f"{f' at {commit}' if commit else ''}"
+            f"{f', {runs} passes over the workloads one after the other (the verdict first, then each pass)' if runs > 1 else ''}"
+            f". W1, W2: {ROUNDS} rounds, each of {STEPS} service steps (kept from "
             f"a Step call of {WARMUP + STEPS + 1}: the first {WARMUP} warm up and the last runs no next forward) and "
             f"then {STEPS} reference steps (after {WARMUP} more). A service step (W1-W3) is the time from the report "
             f"of the step before to its own, as the client receives them; the note gives the coordinator's own time "
@@ -64,12 +72,54 @@ def run_description(path: str) -> str:
     return textwrap.fill(text, 95)
 
 
+def run_workloads(client, target: str, only: set[str]) -> list:
+    """One pass over the selected workloads; each row is printed as it is measured."""
+    from bench import workloads as w
+    rows = []
+    if "W1" in only:
+        for shards in (1, 2):
+            rows.append(w.step_workload(client, "W1 logistic, batch 256", "logistic", 999_999, 1, 0, 256, shards))
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+    if "W2" in only:
+        for shards in (1, 2):
+            rows.append(w.step_workload(client, "W2 MLP 784-1250-10, batch 256", "mlp", 784, 10, 1250, 256,
+                                        shards))
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+    if "W3" in only:
+        rows.append(w.client_step_ms(client))
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    if "W4" in only:
+        rows.extend(w.gradient_fetch(client, target))
+        print("\n".join(table(rows[-2:]).splitlines()[-2:]), flush=True)
+    if "W5" in only:
+        for r in w.bytes_vs_params(client):
+            rows.append(r)
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+    return rows
+
+
+def report(runs: list[list]) -> str:
+    """The verdict on the targets, then each run's table."""
+    from bench.targets import verdict_table
+    if len(runs) == 1:
+        return f"{verdict_table(runs)}\n\n{table(runs[0])}"
+    tables = "\n\n".join(f"### Run {k + 1} of {len(runs)}\n\n{table(rows)}" for k, rows in enumerate(runs))
+    return f"{verdict_table(runs)}\n\n{tables}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gradshard bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--write", help="also write the table and the machine to this Markdown file")
     p.add_argument("--only", default="W1,W2,W3,W4,W5", help="comma-separated workloads")
+    p.add_argument("--runs", type=int, default=1, help="passes over the workloads, one after the other")
     a = p.parse_args(argv)
+    if a.runs < 1:
+        p.error("--runs must be at least 1")
+    only = set(a.only.split(","))
+    unknown = only - {"W1", "W2", "W3", "W4", "W5"}
+    if unknown:
+        p.error(f"unknown workloads: {', '.join(sorted(unknown))} (choose among W1,W2,W3,W4,W5)")
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     from bench import workloads as w
     from service.client import Client
@@ -84,34 +134,18 @@ def main(argv: list[str] | None = None) -> int:
     coordinator = w.COORDINATOR = Coordinator()
     server, port, health = create_server(coordinator, "127.0.0.1:0")
     set_serving(health)
-    only = set(a.only.split(","))
-    rows = []
+    runs = []
     with Client(f"127.0.0.1:{port}", timeout=900) as client:
-        if "W1" in only:
-            for shards in (1, 2):
-                rows.append(w.step_workload(client, "W1 logistic, batch 256", "logistic", 999_999, 1, 0, 256, shards))
-                print(table(rows[-1:]).splitlines()[-1], flush=True)
-        if "W2" in only:
-            for shards in (1, 2):
-                rows.append(w.step_workload(client, "W2 MLP 784-1250-10, batch 256", "mlp", 784, 10, 1250, 256,
-                                            shards))
-                print(table(rows[-1:]).splitlines()[-1], flush=True)
-        if "W3" in only:
-            rows.append(w.client_step_ms(client))
-            print(table(rows[-1:]).splitlines()[-1], flush=True)
-        if "W4" in only:
-            rows.extend(w.gradient_fetch(client, f"127.0.0.1:{port}"))
-            print("\n".join(table(rows[-2:]).splitlines()[-2:]), flush=True)
-        if "W5" in only:
-            for r in w.bytes_vs_params(client):
-                rows.append(r)
-                print(table(rows[-1:]).splitlines()[-1], flush=True)
+        for k in range(a.runs):
+            if a.runs > 1:
+                print(f"run {k + 1} of {a.runs}", flush=True)
+            runs.append(run_workloads(client, f"127.0.0.1:{port}", only))
     server.stop(0)
-    out = table(rows)
+    out = report(runs)
     print()
     print(out)
     if a.write:
-        head = f"# Benchmark results\n\nMachine: {w.machine()}\n\n{run_description(a.write)}\n\n{out}\n"
+        head = f"# Benchmark results\n\nMachine: {w.machine()}\n\n{run_description(a.write, a.runs)}\n\n{out}\n"
         write_keeping_notes(a.write, head)
     return 0
 

@@ -104,3 +104,70 @@ def test_write_keeps_a_file_that_is_all_notes(tmp_path):
     path.write_text("## Notes\n\nkeep me\n")
     write_keeping_notes(str(path), "# Benchmark results\n\ntable\n")
     assert path.read_text() == "# Benchmark results\n\ntable\n\n## Notes\n\nkeep me\n"
+
+
+def rows_of_a_run(w2_rounds, w4_ms, w5_bytes=(320, 320, 320)):
+    from bench.workloads import Row
+    rows = [Row("W1 logistic, batch 256", 1, 10, reference_ms=2.0, round_ratios=[2.0]),    # 1 shard: not judged
+            Row("W1 logistic, batch 256", 2, 10, reference_ms=2.0, round_ratios=[0.6, 0.7, 0.5]),
+            Row("W2 MLP 784-1250-10, batch 256", 2, 10, reference_ms=7.0, round_ratios=w2_rounds),
+            Row("W3 tiny model, end to end", 2, 10, service_ms=0.6),
+            Row("W4 gradient fetch (GetGradient), 1M float32", 2, 10, service_ms=w4_ms, bytes_per_step=4_000_040),
+            Row("W4 ceiling: bare gRPC, 1M float32", 0, 10, service_ms=1.0, bytes_per_step=4_000_000)]
+    return rows + [Row(f"W5 logistic {n:,} params", 2, n, bytes_per_step=b) for n, b in zip((10**5, 10**6, 10**7), w5_bytes)]
+
+
+def verdicts(text):
+    """{target name: its cells} from a verdict table."""
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                              for line in text.splitlines()[2:])}
+
+
+def test_one_run_is_judged_against_every_target_to_three_decimals():
+    from bench.targets import verdict_table
+    # W2: the median of the rounds' ratios is 1.104, printed 1.10 in the table, and it misses 1.10
+    table = verdicts(verdict_table([rows_of_a_run([1.2, 1.104, 1.0], w4_ms=4.0)]))
+    assert table["W1 step / numpy step, 2 shards"] == ["≤ 1.10", "0.600", "yes"]
+    assert table["W2 step / numpy step, 2 shards"] == ["≤ 1.10", "1.104", "**no**"]
+    assert table["W3 step, end to end"] == ["≤ 3 ms", "0.60 ms", "yes"]
+    assert table["W4 GetGradient of 1M float32, whole call"] == ["≥ 1 GB/s", "1.00 GB/s", "yes"]   # 4,000,040 B in 4 ms
+    assert table["W5 bytes per step, 10⁵ to 10⁷ parameters"] == ["constant", "320 B", "yes"]
+
+
+def test_several_runs_give_each_figure_their_median_and_how_often_the_target_was_met():
+    from bench.targets import verdict_table
+    runs = [rows_of_a_run([1.0], w4_ms=3.2), rows_of_a_run([1.12], w4_ms=5.0, w5_bytes=(320, 320, 640)),
+            rows_of_a_run([1.09], w4_ms=4.4)]
+    text = verdict_table(runs)
+    assert text.splitlines()[0] == "| target | goal | run 1 | run 2 | run 3 | median | met |"
+    table = verdicts(text)
+    assert table["W2 step / numpy step, 2 shards"] == ["≤ 1.10", "1.000", "1.120", "1.090", "1.090", "2 of 3"]
+    assert table["W4 GetGradient of 1M float32, whole call"] == ["≥ 1 GB/s", "1.25 GB/s", "0.80 GB/s", "0.91 GB/s",
+                                                                 "0.91 GB/s", "1 of 3"]
+    assert table["W5 bytes per step, 10⁵ to 10⁷ parameters"] == ["constant", "320 B", "320–640 B", "320 B", "–",
+                                                                  "2 of 3"]
+
+
+def test_a_workload_left_out_is_not_judged():
+    from bench.targets import verdict_table
+    from bench.workloads import Row
+    text = verdict_table([[Row("W3 tiny model, end to end", 2, 10, service_ms=3.5)]])
+    assert verdicts(text) == {"W3 step, end to end": ["≤ 3 ms", "3.50 ms", "**no**"]}
+    with pytest.raises(ValueError):
+        verdict_table([])
+
+
+def test_the_bench_command_runs_twice_and_writes_the_verdict_then_each_run(server, tmp_path, capsys):
+    from bench.run import main
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# old head\n\n## Notes that stay\n\nkept\n")
+    assert main(["--only", "W3", "--runs", "2", "--write", str(path)]) == 0
+    text = path.read_text()
+    head, notes = text.split("## Notes that stay")
+    assert "--runs 2 --write" in head and "2 passes over the workloads" in " ".join(head.split())
+    assert "| target | goal | run 1 | run 2 | median | met |" in head
+    assert head.count("| W3 tiny model, end to end | 2 |") == 2
+    assert head.index("### Run 1 of 2") < head.index("### Run 2 of 2") and notes.strip() == "kept"
+    with pytest.raises(SystemExit):
+        main(["--only", "W9"])
+    assert "unknown workloads: W9" in capsys.readouterr().err
