@@ -56,9 +56,10 @@ def run_description(path: str, runs: int = 1) -> str:
     except OSError:               # no git: an installed copy
         commit = ""
     how = f"--runs {runs} --write {path}" if runs > 1 else f"--write {path}"
+    passes = (f", {runs} passes over the workloads one after the other (the verdict first, then each pass)"
+              if runs > 1 else "")
     text = (f"Run: `python -m bench.run {how}` on {time.strftime('%Y-%m-%d', time.gmtime())}"
-            f"{f' at {commit}' if commit else ''}"
-            f"{f', {runs} passes over the workloads one after the other (the verdict first, then each pass)' if runs > 1 else ''}"
+            f"{f' at {commit}' if commit else ''}{passes}"
             f". W1, W2: {ROUNDS} rounds, each of {STEPS} service steps (kept from "
             f"a Step call of {WARMUP + STEPS + 1}: the first {WARMUP} warm up and the last runs no next forward) and "
             f"then {STEPS} reference steps (after {WARMUP} more). A service step (W1-W3) is the time from the report "

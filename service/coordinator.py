@@ -165,8 +165,10 @@ class Coordinator:
                 if not wait and job.inflight is not None:
                     return [job.step] * job.plan.n_shards
                 settle(job)
-            if job.broken or job.closed:
+            if job.broken or job.closed == DELETED:
                 return [-1] * job.plan.n_shards
+            if job.closed == STOPPING:
+                return [job.step] * job.plan.n_shards     # saved (or just stopped) where it was: not unusable
             if not held:
                 return [job.step] * job.plan.n_shards
             with self._marking(job):

@@ -189,7 +189,8 @@ class RayShardGroup:
                 channels = self._open_channels()
                 if channels is not None:
                     self._on_channels(channels, method, lambda: channels.start(method, args, kwargs, each))
-                    return lambda: self._finish_on(channels, method)
+                    check = self._nodes_alive(method, list(self._nodes))     # the nodes of these very lines
+                    return lambda: self._finish_on(channels, method, check)
         refs = [getattr(actor, method).remote(*args, **kwargs, **(each[s] if each else {}))
                 for s, actor in enumerate(self.actors)]
         return lambda: self._get(refs, method)
@@ -208,8 +209,7 @@ class RayShardGroup:
                 return [views[SHARED_READS[method]] for _, views in self._shared]
         return self.call(method)
 
-    def _finish_on(self, channels: ShardChannels, method: str) -> list:
-        check = self._nodes_alive(method, list(self._nodes))
+    def _finish_on(self, channels: ShardChannels, method: str, check: Callable[[], None]) -> list:
         with self._channel_lock:
             return self._on_channels(channels, method,
                                      lambda: channels.finish(method, self.timeout_s, check, NODE_CHECK_S))
@@ -217,7 +217,9 @@ class RayShardGroup:
     def _nodes_alive(self, method: str, nodes: list[str]) -> Callable[[], None]:
         """A check for a long wait on the lines: ShardUnavailable once Ray has declared a
         shard's node dead (its health checks failed), so that the job is recovered then, not
-        after the call's whole timeout. If Ray cannot be asked, the wait goes on."""
+        after the call's whole timeout. If Ray cannot be asked, the wait goes on; should
+        ray.nodes() (a request to the GCS) take long, the wait's deadline is checked again
+        after it."""
         def check() -> None:
             try:
                 alive_nodes = {n["NodeID"] for n in self._ray.nodes() if n.get("Alive")}
@@ -254,15 +256,21 @@ class RayShardGroup:
             return self._channels
         if time.monotonic() < self._channels_retry_at:
             return None
+        channels = None
         try:
             addresses = self._get([a.open_channel.remote(self._authkey) for a in self.actors], "open_channel")
-            self._channels = ShardChannels(addresses, self._authkey)
+            channels = ShardChannels(addresses, self._authkey)
             answers = self._get([a.shared_arrays.remote() for a in self.actors], "shared_arrays")
-            self._nodes = [node for node, _ in answers]
-            self._shared = self._map_shared(answers)
+            # all three together, or none: lines whose nodes are not known would be checked against stale ones
+            shared = self._map_shared(answers)
+            self._channels, self._nodes, self._shared = channels, [node for node, _ in answers], shared
         except ShardUnavailable:
+            if channels is not None:
+                channels.close()
             raise                              # a dead shard: recovery, as on the Ray path
         except Exception as exc:               # cannot bind, refused, filtered (timed out), handshake failed
+            if channels is not None:
+                channels.close()
             log.warning("cannot open the lines to the shards (%s: %s); Ray calls for %g s", type(exc).__name__,
                         exc, CHANNEL_RETRY_S)
             self._channels_retry_at = time.monotonic() + CHANNEL_RETRY_S
@@ -319,6 +327,7 @@ class RayShardGroup:
                 self._channels.close()
                 self._channels = None
             self._shared = None
+            self._nodes = []
 
     def close(self) -> None:
         self._close_channels()

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 
 os.environ.setdefault("RAY_AUTH_MODE", "token")
@@ -31,6 +32,20 @@ HEALTH_CHECKS = {"health_check_initial_delay_ms": 1000, "health_check_period_ms"
                  "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
 out = {"call_timeout_s": CALL_TIMEOUT_S}
 stopped = []
+
+
+def kill_stopped() -> None:
+    for p in stopped:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+# Stopped processes outlive a killed script: should this run hang, they still die, and it ends.
+watchdog = threading.Timer(240, lambda: (kill_stopped(), os._exit(3)))
+watchdog.daemon = True
+watchdog.start()
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": STORE,
                                                         "_system_config": HEALTH_CHECKS})
 workers = [cluster.add_node(num_cpus=1, object_store_memory=STORE) for _ in range(2)]
@@ -46,8 +61,7 @@ try:
     job = client.create_job("softmax", **config)
     list(client.step(job.job_id, 3))
     nodes = [s.node_id for s in job.shards]
-    victim = next(n for n in workers if n.node_id in nodes)
-    out["victim_holds_a_shard"] = victim.node_id in nodes
+    victim = next(n for n in workers if n.node_id in nodes)         # SPREAD: a worker node holds a shard
     raylet = psutil.Process(victim.all_processes["raylet"][0].process.pid)
     for p in [raylet, *raylet.children(recursive=True)]:
         p.send_signal(signal.SIGSTOP)
@@ -66,11 +80,7 @@ try:
         client.get_params(job.job_id, flat=True)["flat"], client.get_params(twin.job_id, flat=True)["flat"]))
 finally:
     print(json.dumps(out), flush=True)
-    for p in stopped:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
+    kill_stopped()
     server.stop(0)
     ray.shutdown()
     cluster.shutdown()

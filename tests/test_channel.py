@@ -121,6 +121,17 @@ def test_a_check_that_finds_nothing_leaves_the_answer_and_the_timeout_as_they_we
     assert time.monotonic() - t0 < 0.9 and lines.closed
 
 
+def test_a_slow_check_does_not_stretch_the_timeout_and_a_check_needs_an_interval():
+    lines = ShardChannels([s.address for s in servers(2)], KEY)
+    t0 = time.monotonic()
+    lines.start("apply", (2.0,), {}, None)
+    with pytest.raises(ChannelTimeout):
+        lines.finish("apply", 0.2, lambda: time.sleep(0.3), check_every_s=0.05)   # the check outlasts the timeout
+    assert time.monotonic() - t0 < 0.8 and lines.closed
+    with pytest.raises(ValueError, match="check_every_s must be > 0"):
+        ShardChannels([s.address for s in servers(1)], KEY).finish("apply", 1.0, lambda: None, check_every_s=0)
+
+
 def _serve_in_child(queue):
     server = ChannelServer(Target(0), "127.0.0.1", KEY)
     queue.put(server.address)

@@ -143,7 +143,7 @@ def test_calls_on_a_deleted_job_object_are_not_found():
 @pytest.mark.parametrize("saved", [True, False], ids=["saved by a graceful stop", "closed at shutdown"])
 def test_a_step_call_still_running_when_the_server_stops_hears_unavailable_not_not_found(tmp_path, saved):
     # The job is not gone: with --state-dir it resumes at the next start, so a client must not
-    # be told NOT_FOUND (nor the metrics count one).
+    # be told NOT_FOUND.
     c = Coordinator(LocalShardGroup, state=StateStore(str(tmp_path)) if saved else None)
     job = local_job(c)
     stream = c.step(job.job_id, 5)

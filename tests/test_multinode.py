@@ -1,7 +1,8 @@
 """Shards spread over several Ray nodes (ray.cluster_utils.Cluster: three raylets on this machine).
 
-The cluster needs a Ray of its own, so tests/multinode_run.py runs in a separate process
-(this session's Ray fixture would be a second Ray in one process) and prints its findings.
+A cluster needs a Ray of its own, so tests/multinode_run.py (placement, a node removed) and
+tests/hung_node_run.py (a node that hangs) each run in a separate process (this session's Ray
+fixture would be a second Ray in one process) and print their findings.
 """
 import json
 import subprocess
@@ -13,13 +14,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def findings():
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "multinode_run.py")], capture_output=True, text=True,
+def run_for_findings(script: str) -> dict:
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / script)], capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert lines, f"no findings (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return json.loads(lines[-1])
+
+
+@pytest.fixture(scope="module")
+def findings():
+    return run_for_findings("multinode_run.py")
 
 
 def test_strict_spread_puts_every_shard_on_its_own_node(findings):
@@ -58,18 +63,14 @@ def test_removing_a_node_under_strict_spread_is_reported_clearly(findings):
 
 @pytest.fixture(scope="module")
 def hung():
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "hung_node_run.py")], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert lines, f"no findings (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(lines[-1])
+    return run_for_findings("hung_node_run.py")
 
 
 def test_a_step_call_over_a_node_that_hangs_recovers_once_ray_declares_the_node_dead(hung):
     """The node's processes stopped (SIGSTOP): the line stays open and silent. The call asks Ray
     about the shards' nodes while it waits, so it recovers within seconds of Ray's verdict
     instead of waiting out its timeout (60 s here, 600 s by default)."""
-    assert hung["victim_holds_a_shard"] and "raylet" in hung["stopped"]
+    assert "raylet" in hung["stopped"] and "ray::ShardActor" in hung["stopped"]
     assert hung["steps"] == [4, 5], hung                    # Step recovered by itself and went on
     assert hung["step_call_seconds"] < hung["call_timeout_s"] / 2, hung
     assert hung["victim"] not in hung["nodes_after"]
