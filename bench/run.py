@@ -1,5 +1,5 @@
-"""`make bench` / `gradshard bench`: run the workloads and print (and optionally write) the table,
-then the targets of the performance issue and whether each was met (bench/targets.py).
+"""`make bench` / `gradshard bench`: run the workloads and print (and optionally write) whether
+each target of the performance issue was met (bench/targets.py), then the table.
 
     python -m bench.run                      # embedded coordinator on a local Ray, print the table
     python -m bench.run --runs 3             # three runs in a row: each target's figure in each, their median
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.runs < 1:
         p.error("--runs must be at least 1")
-    only = set(a.only.split(","))
+    only = {name.strip() for name in a.only.split(",")}
     unknown = only - {"W1", "W2", "W3", "W4", "W5"}
     if unknown:
         p.error(f"unknown workloads: {', '.join(sorted(unknown))} (choose among W1,W2,W3,W4,W5)")

@@ -1,9 +1,10 @@
 """The performance issue's targets, judged on a benchmark run's rows (bench.workloads.Row).
 
-`gradshard bench` prints this verdict after its table; with `--runs N` it judges every run
-and says in how many of them each target was met. Ratios are judged and shown to three
-decimals: a median of 1.104 is printed 1.10 in the table, and misses a target of 1.10.
-No numpy, no Ray, no gRPC: a row is read by its workload's name and its shard count.
+`gradshard bench` prints this verdict before its table; with `--runs N` it judges every run
+and says in how many of them each target was met. A figure is judged as it is shown: ratios
+and GB/s to three decimals (a median ratio of 1.104 is printed 1.10 in the table, and misses
+a target of 1.10 here), milliseconds to two. A workload that ran but gave no figure counts as
+a miss. No numpy, no Ray, no gRPC: a row is read by its workload's name and its shard count.
 """
 from __future__ import annotations
 
@@ -32,32 +33,49 @@ def _find(rows: Sequence[Row], prefix: str, shards: int | None = None) -> Row | 
     return next((r for r in rows if r.workload.startswith(prefix) and shards in (None, r.shards)), None)
 
 
+NO_FIGURE = Verdict(None, "no figure", False)     # the workload ran, but its row holds nothing to judge
+W5_PARAMS = {10**5, 10**6, 10**7}
+
+
 def _ratio(prefix: str) -> Callable[[Sequence[Row]], Verdict | None]:
     def judge(rows: Sequence[Row]) -> Verdict | None:
         row = _find(rows, prefix, shards=2)
-        if row is None or not row.reference_ms:
+        if row is None:
             return None
-        return Verdict(row.ratio, f"{row.ratio:.3f}", row.ratio <= 1.10)
+        if not row.reference_ms:
+            return NO_FIGURE
+        shown = round(row.ratio, 3)
+        return Verdict(shown, f"{shown:.3f}", shown <= 1.10)
     return judge
 
 
 def _w3(rows: Sequence[Row]) -> Verdict | None:
     row = _find(rows, "W3")
-    return None if row is None else Verdict(row.service_ms, f"{row.service_ms:.2f} ms", row.service_ms <= 3.0)
+    if row is None:
+        return None
+    if not row.service_ms:
+        return NO_FIGURE
+    shown = round(row.service_ms, 2)
+    return Verdict(shown, f"{shown:.2f} ms", shown <= 3.0)
 
 
 def _w4(rows: Sequence[Row]) -> Verdict | None:
     row = _find(rows, "W4 gradient fetch")
-    if row is None or not row.service_ms:
+    if row is None:
         return None
-    rate = row.bytes_per_step / (row.service_ms / 1e3) / 1e9       # the whole call's median, as the table's note
-    return Verdict(rate, f"{rate:.2f} GB/s", rate >= 1.0)
+    if not row.service_ms or not row.bytes_per_step:
+        return NO_FIGURE
+    shown = round(row.bytes_per_step / (row.service_ms / 1e3) / 1e9, 3)   # the whole call's median, as the note's
+    return Verdict(shown, f"{shown:.3f} GB/s", shown >= 1.0)
 
 
 def _w5(rows: Sequence[Row]) -> Verdict | None:
-    sizes = sorted({r.bytes_per_step for r in rows if r.workload.startswith("W5")})
-    if not sizes:
+    w5 = [r for r in rows if r.workload.startswith("W5")]
+    if not w5:
         return None
+    if {r.n_params for r in w5} != W5_PARAMS or not all(r.bytes_per_step > 0 for r in w5):
+        return NO_FIGURE                                     # constant across what it was not measured on?
+    sizes = sorted({r.bytes_per_step for r in w5})
     text = f"{sizes[0]:,} B" if len(sizes) == 1 else f"{sizes[0]:,}–{sizes[-1]:,} B"
     return Verdict(None, text, len(sizes) == 1)
 
@@ -78,27 +96,30 @@ def verdict_table(runs: Sequence[Sequence[Row]]) -> str:
         raise ValueError("no runs to judge")
     columns = ["measured"] if n == 1 else [f"run {k + 1}" for k in range(n)] + ["median"]
     lines = ["| target | goal | " + " | ".join(columns) + " | met |", "|---|---|" + "---|" * (len(columns) + 1)]
+    judged = 0
     for target in TARGETS:
         verdicts = [target.judge(rows) for rows in runs]
         if all(v is None for v in verdicts):
             continue                                   # a workload left out with --only
-        cells = [v.text if v is not None else "–" for v in verdicts]
-        judged = [v for v in verdicts if v is not None]
-        met = sum(v.met for v in judged)
+        judged += 1
+        verdicts = [NO_FIGURE if v is None else v for v in verdicts]    # a pass that lacked it: a miss
+        cells = [v.text for v in verdicts]
+        met = sum(v.met for v in verdicts)
         if n > 1:
-            values = [v.value for v in judged if v.value is not None]
-            cells.append(_same_format(judged[0].text, statistics.median(values)) if values else "–")
-            outcome = f"{met} of {len(judged)}"
+            values = [v.value for v in verdicts if v.value is not None]
+            example = next((v.text for v in verdicts if v.value is not None), "")
+            cells.append(_same_format(example, statistics.median(values)) if values else "–")
+            outcome = f"{met} of {n}"
         else:
             outcome = "yes" if met else "**no**"
         lines.append(f"| {target.name} | {target.goal} | " + " | ".join(cells) + f" | {outcome} |")
-    return "\n".join(lines)
+    return "\n".join(lines) if judged else "No target of the performance issue was measured."
 
 
 def _same_format(example: str, value: float) -> str:
-    """`value` written as `example` is (three decimals for a ratio, two and the unit otherwise)."""
+    """`value` written as `example` is (a ratio or GB/s to three decimals, ms to two)."""
     if example.endswith(" ms"):
         return f"{value:.2f} ms"
     if example.endswith(" GB/s"):
-        return f"{value:.2f} GB/s"
+        return f"{value:.3f} GB/s"
     return f"{value:.3f}"

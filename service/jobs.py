@@ -223,7 +223,7 @@ def admit(job: Job) -> None:
     job that step (or an earlier one) left unusable."""
     if job.closed == STOPPING:
         raise Unavailable(f"the server is stopping; job {job.job_id} takes no more calls here (a server with "
-                          "--state-dir saved it and resumes it when it starts again)")
+                          "--state-dir resumes it at its last saved checkpoint when it starts again)")
     if job.closed:
         raise NotFound(f"no job {job.job_id!r} (it was deleted)")
     settle(job)

@@ -42,8 +42,18 @@ def kill_stopped() -> None:
             pass
 
 
-# Stopped processes outlive a killed script: should this run hang, they still die, and it ends.
-watchdog = threading.Timer(240, lambda: (kill_stopped(), os._exit(3)))
+def give_up() -> None:
+    """Should this run hang: the stopped processes (they would outlive a killed script) and the
+    cluster are ended, then the script."""
+    kill_stopped()
+    try:
+        cluster.shutdown()
+    except Exception:                 # noqa: BLE001 - best effort, on the way out
+        pass
+    os._exit(3)
+
+
+watchdog = threading.Timer(240, give_up)
 watchdog.daemon = True
 watchdog.start()
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": STORE,

@@ -132,7 +132,7 @@ def test_one_run_is_judged_against_every_target_to_three_decimals():
     assert table["W2 step / numpy step, 2 shards"] == ["≤ 1.10", "1.104", "**no**"]
     assert table["W3 step, end to end"] == ["≤ 3 ms", "0.60 ms", "yes"]
     # 4,000,040 bytes in 4 ms
-    assert table["W4 GetGradient of 1M float32, whole call"] == ["≥ 1 GB/s", "1.00 GB/s", "yes"]
+    assert table["W4 GetGradient of 1M float32, whole call"] == ["≥ 1 GB/s", "1.000 GB/s", "yes"]
     assert table["W5 bytes per step, 10⁵ to 10⁷ parameters"] == ["constant", "320 B", "yes"]
 
 
@@ -144,10 +144,26 @@ def test_several_runs_give_each_figure_their_median_and_how_often_the_target_was
     assert text.splitlines()[0] == "| target | goal | run 1 | run 2 | run 3 | median | met |"
     table = verdicts(text)
     assert table["W2 step / numpy step, 2 shards"] == ["≤ 1.10", "1.000", "1.120", "1.090", "1.090", "2 of 3"]
-    assert table["W4 GetGradient of 1M float32, whole call"] == ["≥ 1 GB/s", "1.25 GB/s", "0.80 GB/s", "0.91 GB/s",
-                                                                 "0.91 GB/s", "1 of 3"]
+    assert table["W4 GetGradient of 1M float32, whole call"] == ["≥ 1 GB/s", "1.250 GB/s", "0.800 GB/s",
+                                                                 "0.909 GB/s", "0.909 GB/s", "1 of 3"]
     assert table["W5 bytes per step, 10⁵ to 10⁷ parameters"] == ["constant", "320 B", "320–640 B", "320 B", "–",
                                                                   "2 of 3"]
+
+
+def test_a_figure_is_judged_as_shown_and_a_workload_without_a_figure_is_a_miss():
+    from bench.targets import verdict_table
+    from bench.workloads import Row
+    rows = rows_of_a_run([1.1004], w4_ms=4.0)                                # shown 1.100: met
+    rows[4].service_ms = 0.0                                                 # W4 ran and gave nothing
+    rows = [r for r in rows if r.n_params != 10**7]                          # W5 without its largest size
+    table = verdicts(verdict_table([rows]))
+    assert table["W2 step / numpy step, 2 shards"] == ["≤ 1.10", "1.100", "yes"]
+    assert table["W4 GetGradient of 1M float32, whole call"] == ["≥ 1 GB/s", "no figure", "**no**"]
+    assert table["W5 bytes per step, 10⁵ to 10⁷ parameters"] == ["constant", "no figure", "**no**"]
+    # a pass that lacked a workload the other had: counted over both passes
+    table = verdicts(verdict_table([[Row("W3 tiny model, end to end", 2, 10, service_ms=0.5)], []]))
+    assert table["W3 step, end to end"] == ["≤ 3 ms", "0.50 ms", "no figure", "0.50 ms", "1 of 2"]
+    assert verdict_table([[]]) == "No target of the performance issue was measured."
 
 
 def test_a_workload_left_out_is_not_judged():

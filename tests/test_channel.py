@@ -128,8 +128,18 @@ def test_a_slow_check_does_not_stretch_the_timeout_and_a_check_needs_an_interval
     with pytest.raises(ChannelTimeout):
         lines.finish("apply", 0.2, lambda: time.sleep(0.3), check_every_s=0.05)   # the check outlasts the timeout
     assert time.monotonic() - t0 < 0.8 and lines.closed
+    lines = ShardChannels([s.address for s in servers(1)], KEY)
+    lines.start("apply", (0.0,), {}, None)
     with pytest.raises(ValueError, match="check_every_s must be > 0"):
-        ShardChannels([s.address for s in servers(1)], KEY).finish("apply", 1.0, lambda: None, check_every_s=0)
+        lines.finish("apply", 1.0, lambda: None, check_every_s=0)
+    assert lines.closed                                            # the answer sent was never read
+
+
+def test_an_answer_that_comes_during_a_check_past_the_deadline_is_taken():
+    lines = ShardChannels([s.address for s in servers(2)], KEY)
+    lines.start("apply", (0.25,), {}, None)                        # answers come at 0.25 s
+    assert lines.finish("apply", 0.2, lambda: time.sleep(0.3), check_every_s=0.05) == [0, 1]
+    assert not lines.closed
 
 
 def _serve_in_child(queue):

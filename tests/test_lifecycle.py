@@ -150,6 +150,7 @@ def test_a_step_call_still_running_when_the_server_stops_hears_unavailable_not_n
     assert next(stream).step == 1                        # step 2 is in flight; the job's lock is free
     if saved:
         assert c.save_all() == [job.job_id]              # settles step 2, saves it, closes the job
+        assert c.shard_steps(job.job_id) == [2] * 3      # GetJob: at its step, not unusable (-1)
     c.close()                                            # without a save, the step in flight ends with the shards
     if saved:
         assert next(stream).step == 2                    # the report of the step saved comes first

@@ -31,3 +31,41 @@ def test_a_ray_that_cannot_answer_lets_the_wait_go_on():
     def unreachable():
         raise ConnectionError("GCS unreachable")
     check_with(unreachable)()                         # the call's own timeout still bounds the wait
+
+
+def group_with_lines(shared_arrays_answer):
+    """A RayShardGroup on two real shard lines (workers.channel) whose Ray answers are stand-ins."""
+    import threading
+
+    from workers.channel import ChannelServer
+    servers = [ChannelServer(object(), "127.0.0.1", b"k" * 32) for _ in range(2)]
+    group = object.__new__(RayShardGroup)
+    group._authkey, group._channel_lock = b"k" * 32, threading.Lock()
+    group._channels, group._channels_retry_at, group._nodes, group._shared = None, 0.0, [], None
+    group.actors = [SimpleNamespace(open_channel=SimpleNamespace(remote=lambda key, a=s.address: a),
+                                    shared_arrays=SimpleNamespace(remote=lambda: "shared_arrays")) for s in servers]
+    group._ray = SimpleNamespace(get_runtime_context=lambda: SimpleNamespace(get_node_id=lambda: "the coordinator's"))
+
+    def get(refs, method):
+        return refs if method == "open_channel" else shared_arrays_answer()
+    group._get = get
+    return group
+
+
+def test_lines_whose_shards_cannot_say_their_nodes_are_closed_and_not_kept(monkeypatch):
+    from service import shard_group
+    from service.errors import ShardTimeout
+    opened, real = [], shard_group.ShardChannels
+    monkeypatch.setattr(shard_group, "ShardChannels", lambda *a, **k: opened.append(real(*a, **k)) or opened[-1])
+
+    def slow():
+        raise ShardTimeout("shards did not finish shared_arrays within 1 s")
+    group = group_with_lines(slow)
+    assert group._open_channels() is None                         # Ray calls for a while
+    assert len(opened) == 1 and opened[0].closed                  # the half-opened lines are closed...
+    assert group._channels is None and group._nodes == []         # ...and not kept without their nodes
+
+    group = group_with_lines(lambda: [("node-a", {}), ("node-b", {})])
+    assert group._open_channels() is opened[1] and group._nodes == ["node-a", "node-b"]
+    group._close_channels()
+    assert opened[1].closed and group._nodes == []

@@ -323,19 +323,18 @@ class ShardChannels:
         While it waits, check() (if given) runs every check_every_s seconds; what it raises
         ends the wait, the lines closed. A shard whose node hangs or vanishes sends nothing,
         not even a FIN, and the caller may know sooner than timeout_s (Ray declares the node dead)."""
-        if check is not None and not check_every_s > 0:
-            raise ValueError(f"check_every_s must be > 0, got {check_every_s}")
-
         def read() -> list:
+            if check is not None and not check_every_s > 0:     # in here, so that the lines are closed
+                raise ValueError(f"check_every_s must be > 0, got {check_every_s}")
             deadline = time.monotonic() + timeout_s
             replies = []
             for conn in self.conns:
                 while not readable(conn, min(deadline - time.monotonic(), check_every_s if check else math.inf)):
                     if check is not None and time.monotonic() < deadline:
                         check()
-                    if time.monotonic() >= deadline:   # also when check() itself took long
-                        self.close()         # a late answer would put the line out of step
-                        raise ChannelTimeout(f"shards did not finish {method} within {timeout_s:g} s")
+                        continue             # look again, if only once: the answer may have come meanwhile
+                    self.close()             # a late answer would put the line out of step
+                    raise ChannelTimeout(f"shards did not finish {method} within {timeout_s:g} s")
                 replies.append(receive(conn))
             return replies
 
