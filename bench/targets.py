@@ -37,15 +37,18 @@ NO_FIGURE = Verdict(None, "no figure", False)     # the workload ran, but its ro
 W5_PARAMS = {10**5, 10**6, 10**7}
 
 
+def _shown(value: float, decimals: int, unit: str, met: Callable[[float], bool]) -> Verdict:
+    """The figure rounded as it is shown, and judged so."""
+    shown = round(value, decimals)
+    return Verdict(shown, f"{shown:.{decimals}f}{unit}", met(shown))
+
+
 def _ratio(prefix: str) -> Callable[[Sequence[Row]], Verdict | None]:
     def judge(rows: Sequence[Row]) -> Verdict | None:
         row = _find(rows, prefix, shards=2)
         if row is None:
             return None
-        if not row.reference_ms:
-            return NO_FIGURE
-        shown = round(row.ratio, 3)
-        return Verdict(shown, f"{shown:.3f}", shown <= 1.10)
+        return _shown(row.ratio, 3, "", lambda v: v <= 1.10) if row.reference_ms else NO_FIGURE
     return judge
 
 
@@ -53,10 +56,7 @@ def _w3(rows: Sequence[Row]) -> Verdict | None:
     row = _find(rows, "W3")
     if row is None:
         return None
-    if not row.service_ms:
-        return NO_FIGURE
-    shown = round(row.service_ms, 2)
-    return Verdict(shown, f"{shown:.2f} ms", shown <= 3.0)
+    return _shown(row.service_ms, 2, " ms", lambda v: v <= 3.0) if row.service_ms else NO_FIGURE
 
 
 def _w4(rows: Sequence[Row]) -> Verdict | None:
@@ -65,8 +65,8 @@ def _w4(rows: Sequence[Row]) -> Verdict | None:
         return None
     if not row.service_ms or not row.bytes_per_step:
         return NO_FIGURE
-    shown = round(row.bytes_per_step / (row.service_ms / 1e3) / 1e9, 3)   # the whole call's median, as the note's
-    return Verdict(shown, f"{shown:.3f} GB/s", shown >= 1.0)
+    rate = row.bytes_per_step / (row.service_ms / 1e3) / 1e9      # the whole call's median, as the note's
+    return _shown(rate, 3, " GB/s", lambda v: v >= 1.0)
 
 
 def _w5(rows: Sequence[Row]) -> Verdict | None:

@@ -228,6 +228,7 @@ class Coordinator:
         otherwise begin a step after the checkpoint."""
         if self.state is None:
             return []
+        self.jobs.stopping = True
         saved = []
         for job in self.jobs.all():
             t0 = time.perf_counter()
@@ -249,11 +250,8 @@ class Coordinator:
 
     def close(self) -> None:
         """Stop every job's shards (server shutdown). Durable state stays for the next start."""
-        for job in self.jobs.all():
-            try:
-                self.jobs.pop(job.job_id)
-            except NotFound:                  # a DeleteJob still running took it: it stops the shards
-                continue
+        self.jobs.stopping = True
+        for job in self.jobs.take_all():      # a DeleteJob still running took its job first: it stops the shards
             with job.lock:
                 job.closed = STOPPING
                 job.inflight = None

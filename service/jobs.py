@@ -245,9 +245,12 @@ class JobRegistry:
     def __init__(self) -> None:
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
+        self.stopping = False      # the server is stopping: no new job, and a job no longer listed is not "unknown"
 
     def add(self, job: Job, max_jobs: int) -> None:
         with self._lock:
+            if self.stopping:
+                raise Unavailable("the server is stopping; create the job again once it is back")
             check_room(len(self._jobs), max_jobs)
             self._jobs[job.job_id] = job
 
@@ -261,6 +264,8 @@ class JobRegistry:
         with self._lock:
             job = self._jobs.get(job_id)
         if job is None:
+            if self.stopping:              # close() has let go of the jobs; with --state-dir they come back
+                raise Unavailable(f"the server is stopping; job {job_id} takes no more calls here")
             raise NotFound(f"no job {job_id!r}")
         return job
 
@@ -271,9 +276,18 @@ class JobRegistry:
         with self._lock:
             job = self._jobs.pop(job_id, None)
         if job is None:
+            if self.stopping:
+                raise Unavailable(f"the server is stopping; job {job_id} takes no more calls here")
             raise NotFound(f"no job {job_id!r}")
         return job
 
     def all(self) -> list[Job]:
         with self._lock:
             return list(self._jobs.values())
+
+    def take_all(self) -> list[Job]:
+        """Every job, removed in one hold of the lock (server shutdown): a DeleteJob running
+        meanwhile has either taken its job first or finds none."""
+        with self._lock:
+            jobs, self._jobs = list(self._jobs.values()), {}
+        return jobs

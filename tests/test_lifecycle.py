@@ -156,6 +156,10 @@ def test_a_step_call_still_running_when_the_server_stops_hears_unavailable_not_n
         assert next(stream).step == 2                    # the report of the step saved comes first
     with pytest.raises(Unavailable, match="the server is stopping"):
         next(stream)
+    with pytest.raises(Unavailable, match="the server is stopping"):     # a call that looks the job up after
+        c.get_params(job.job_id)
+    with pytest.raises(Unavailable, match="the server is stopping"):
+        local_job(c)
     if saved:
         assert [step for _, _, step, _ in StateStore(str(tmp_path)).load()] == [2]
 

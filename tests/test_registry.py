@@ -57,3 +57,18 @@ def test_of_many_threads_popping_one_job_exactly_one_gets_it():
         for t in threads:
             t.join()
         assert len(got) == 1 and refused == [1] * 7
+
+
+def test_a_stopping_registry_lets_go_of_every_job_and_calls_it_unavailable_not_unknown():
+    from service.errors import Unavailable
+    jobs = JobRegistry()
+    a, b = SimpleNamespace(job_id="job-a"), SimpleNamespace(job_id="job-b")
+    jobs.add(a, max_jobs=4)
+    jobs.add(b, max_jobs=4)
+    jobs.stopping = True
+    assert jobs.take_all() == [a, b] and jobs.count() == 0
+    for call in (lambda: jobs.get("job-a"), lambda: jobs.pop("job-b"), lambda: jobs.add(a, max_jobs=4)):
+        with pytest.raises(Unavailable, match="the server is stopping"):
+            call()
+    with pytest.raises(NotFound):
+        JobRegistry().get("job-a")                     # an unknown job, while the server runs
