@@ -8,6 +8,7 @@ a miss. No numpy, no Ray, no gRPC: a row is read by its workload's name and its 
 """
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -48,7 +49,9 @@ def _ratio(prefix: str) -> Callable[[Sequence[Row]], Verdict | None]:
         row = _find(rows, prefix, shards=2)
         if row is None:
             return None
-        return _shown(row.ratio, 3, "", lambda v: v <= 1.10) if row.reference_ms else NO_FIGURE
+        if not (row.reference_ms and row.service_ms and math.isfinite(row.ratio) and row.ratio > 0):
+            return NO_FIGURE
+        return _shown(row.ratio, 3, "", lambda v: v <= 1.10)
     return judge
 
 

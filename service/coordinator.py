@@ -19,7 +19,7 @@ import numpy as np
 
 from service.datasets import DatasetStore
 from service.fdcheck import CheckResult, check_gradient, choose_coordinates
-from service.errors import Aborted, FailedPrecondition, NotFound, ShardUnavailable
+from service.errors import Aborted, FailedPrecondition, NotFound, ShardUnavailable, Unavailable
 from service.metrics import Metrics
 from service.jobs import (DELETED, STOPPING, Job, JobConfig, JobRegistry, Limits, admit, check_room, resolve, settle,
                           using)
@@ -114,6 +114,8 @@ class Coordinator:
         if config.data.kind == "dataset":   # an uploaded set: its file, read like any .npz
             config = dataclasses.replace(config, data=DataSpec("npz", path=self.datasets.get(config.data.path).path,
                                                                dataset_id=config.data.path))
+        if self.jobs.stopping:                                     # refuse before starting any shard
+            raise Unavailable("the server is stopping; create the job again once it is back")
         check_room(self.jobs.count(), self.limits.max_jobs)      # refuse before starting any shard
         spec, labels = resolve(config, self.limits)
         plan = spec.plan(config.shards)
@@ -140,7 +142,8 @@ class Coordinator:
                 self.state.save_job(job.job_id, config)
                 self.state.save_checkpoint(job.job_id, job.step, job.checkpoint.states)
             except BaseException:
-                self.jobs.pop(job.job_id)
+                with contextlib.suppress(NotFound, Unavailable):    # close() may have taken it meanwhile
+                    self.jobs.pop(job.job_id)
                 group.close()
                 self.state.delete_job(job.job_id)
                 raise
@@ -204,6 +207,8 @@ class Coordinator:
     def delete_dataset(self, dataset_id: str) -> None:
         """Forget an upload; refused while a job reads it (a recovery or a restart would need it)."""
         self.datasets.get(dataset_id)
+        if self.jobs.stopping:        # the jobs it no longer lists may need the upload when they resume
+            raise Unavailable("the server is stopping; delete the data set once it is back")
         users = [j.job_id for j in self.jobs.all() if j.config.data.dataset_id == dataset_id]
         if users:
             raise FailedPrecondition(f"data set {dataset_id} is used by {', '.join(users)}; delete those jobs first")

@@ -245,7 +245,8 @@ class JobRegistry:
     def __init__(self) -> None:
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
-        self.stopping = False      # the server is stopping: no new job, and a job no longer listed is not "unknown"
+        self.stopping = False      # the server is stopping: no new job
+        self._taken: set[str] = set()   # the jobs take_all() let go of: not "unknown" while the server stops
 
     def add(self, job: Job, max_jobs: int) -> None:
         with self._lock:
@@ -264,20 +265,23 @@ class JobRegistry:
         with self._lock:
             job = self._jobs.get(job_id)
         if job is None:
-            if self.stopping:              # close() has let go of the jobs; with --state-dir they come back
-                raise Unavailable(f"the server is stopping; job {job_id} takes no more calls here")
+            self._refuse_taken(job_id)
             raise NotFound(f"no job {job_id!r}")
         return job
 
+    def _refuse_taken(self, job_id: str) -> None:
+        if job_id in self._taken:         # close() has let go of it; with --state-dir it comes back
+            raise Unavailable(f"the server is stopping; job {job_id} takes no more calls here")
+
     def pop(self, job_id: str) -> Job:
-        """Remove and return a job; NotFound if it is unknown or another thread took it first."""
+        """Remove and return a job; NotFound if it is unknown or another thread took it first,
+        Unavailable if the stopping server let go of it."""
         if not job_id:
             raise ValueError("job_id is empty")
         with self._lock:
             job = self._jobs.pop(job_id, None)
         if job is None:
-            if self.stopping:
-                raise Unavailable(f"the server is stopping; job {job_id} takes no more calls here")
+            self._refuse_taken(job_id)
             raise NotFound(f"no job {job_id!r}")
         return job
 
@@ -290,4 +294,5 @@ class JobRegistry:
         meanwhile has either taken its job first or finds none."""
         with self._lock:
             jobs, self._jobs = list(self._jobs.values()), {}
+            self._taken.update(job.job_id for job in jobs)
         return jobs

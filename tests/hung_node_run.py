@@ -44,7 +44,10 @@ def kill_stopped() -> None:
 
 def give_up() -> None:
     """Should this run hang: the stopped processes (they would outlive a killed script) and the
-    cluster are ended, then the script."""
+    cluster are ended, then the script (within 30 s, should the cluster's shutdown hang too)."""
+    backstop = threading.Timer(30, os._exit, (3,))
+    backstop.daemon = True
+    backstop.start()
     kill_stopped()
     try:
         cluster.shutdown()

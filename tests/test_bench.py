@@ -108,9 +108,9 @@ def test_write_keeps_a_file_that_is_all_notes(tmp_path):
 
 def rows_of_a_run(w2_rounds, w4_ms, w5_bytes=(320, 320, 320)):
     from bench.workloads import Row
-    rows = [Row("W1 logistic, batch 256", 1, 10, reference_ms=2.0, round_ratios=[2.0]),    # 1 shard: not judged
-            Row("W1 logistic, batch 256", 2, 10, reference_ms=2.0, round_ratios=[0.6, 0.7, 0.5]),
-            Row("W2 MLP 784-1250-10, batch 256", 2, 10, reference_ms=7.0, round_ratios=w2_rounds),
+    rows = [Row("W1 logistic, batch 256", 1, 10, service_ms=4.0, reference_ms=2.0, round_ratios=[2.0]),  # not judged
+            Row("W1 logistic, batch 256", 2, 10, service_ms=1.2, reference_ms=2.0, round_ratios=[0.6, 0.7, 0.5]),
+            Row("W2 MLP 784-1250-10, batch 256", 2, 10, service_ms=7.7, reference_ms=7.0, round_ratios=w2_rounds),
             Row("W3 tiny model, end to end", 2, 10, service_ms=0.6),
             Row("W4 gradient fetch (GetGradient), 1M float32", 2, 10, service_ms=w4_ms, bytes_per_step=4_000_040),
             Row("W4 ceiling: bare gRPC, 1M float32", 0, 10, service_ms=1.0, bytes_per_step=4_000_000)]
@@ -155,9 +155,11 @@ def test_a_figure_is_judged_as_shown_and_a_workload_without_a_figure_is_a_miss()
     from bench.workloads import Row
     rows = rows_of_a_run([1.1004], w4_ms=4.0)                                # shown 1.100: met
     rows[4].service_ms = 0.0                                                 # W4 ran and gave nothing
+    rows[1].service_ms = 0.0                                                 # nor did W1's service side
     rows = [r for r in rows if r.n_params != 10**7]                          # W5 without its largest size
     table = verdicts(verdict_table([rows]))
     assert table["W2 step / numpy step, 2 shards"] == ["≤ 1.10", "1.100", "yes"]
+    assert table["W1 step / numpy step, 2 shards"] == ["≤ 1.10", "no figure", "**no**"]   # not a ratio of 0
     assert table["W4 GetGradient of 1M float32, whole call"] == ["≥ 1 GB/s", "no figure", "**no**"]
     assert table["W5 bytes per step, 10⁵ to 10⁷ parameters"] == ["constant", "no figure", "**no**"]
     # a pass that lacked a workload the other had: counted over both passes

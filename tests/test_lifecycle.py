@@ -146,6 +146,7 @@ def test_a_step_call_still_running_when_the_server_stops_hears_unavailable_not_n
     # be told NOT_FOUND.
     c = Coordinator(LocalShardGroup, state=StateStore(str(tmp_path)) if saved else None)
     job = local_job(c)
+    upload = c.datasets.add("an upload", np.ones((4, 3)), np.array([0, 1, 0, 1]))
     stream = c.step(job.job_id, 5)
     assert next(stream).step == 1                        # step 2 is in flight; the job's lock is free
     if saved:
@@ -160,6 +161,10 @@ def test_a_step_call_still_running_when_the_server_stops_hears_unavailable_not_n
         c.get_params(job.job_id)
     with pytest.raises(Unavailable, match="the server is stopping"):
         local_job(c)
+    with pytest.raises(NotFound):
+        c.get_params("job-it-never-had")                 # still unknown
+    with pytest.raises(Unavailable, match="the server is stopping"):     # a job resumed later may need it
+        c.delete_dataset(upload.dataset_id)
     if saved:
         assert [step for _, _, step, _ in StateStore(str(tmp_path)).load()] == [2]
 

@@ -71,4 +71,6 @@ def test_a_stopping_registry_lets_go_of_every_job_and_calls_it_unavailable_not_u
         with pytest.raises(Unavailable, match="the server is stopping"):
             call()
     with pytest.raises(NotFound):
+        jobs.get("job-never")                          # a job it never had is still unknown
+    with pytest.raises(NotFound):
         JobRegistry().get("job-a")                     # an unknown job, while the server runs

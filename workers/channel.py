@@ -330,11 +330,11 @@ class ShardChannels:
             replies = []
             for conn in self.conns:
                 while not readable(conn, min(deadline - time.monotonic(), check_every_s if check else math.inf)):
-                    if check is not None and time.monotonic() < deadline:
-                        check()
-                        continue             # look again, if only once: the answer may have come meanwhile
-                    self.close()             # a late answer would put the line out of step
-                    raise ChannelTimeout(f"shards did not finish {method} within {timeout_s:g} s")
+                    if time.monotonic() >= deadline:
+                        self.close()         # a late answer would put the line out of step
+                        raise ChannelTimeout(f"shards did not finish {method} within {timeout_s:g} s")
+                    if check is not None:
+                        check()              # then look again: an answer that came meanwhile is taken
                 replies.append(receive(conn))
             return replies
 
