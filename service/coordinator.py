@@ -247,6 +247,8 @@ class Coordinator:
             except Exception as exc:
                 log.warning("could not save %s before stopping (%s: %s); the next start resumes it at its last "
                             "saved checkpoint", job.job_id, type(exc).__name__, exc, extra={"job_id": job.job_id})
+                with job.lock:
+                    job.closed = job.closed or STOPPING    # no step after it: the next start would not have it
                 continue
             saved.append(job.job_id)
             log.info("saved %s at step %d before stopping (%.2f s)", job.job_id, step, time.perf_counter() - t0,

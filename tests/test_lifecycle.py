@@ -169,6 +169,27 @@ def test_a_step_call_still_running_when_the_server_stops_hears_unavailable_not_n
         assert [step for _, _, step, _ in StateStore(str(tmp_path)).load()] == [2]
 
 
+def test_a_job_whose_save_fails_at_a_stop_takes_no_step_the_next_start_would_not_have(tmp_path, monkeypatch):
+    store = StateStore(str(tmp_path))
+    c = Coordinator(LocalShardGroup, state=store)
+    kept, lost = local_job(c), local_job(c)
+    for job in (kept, lost):
+        list(c.step(job.job_id, 2))
+    write = store.save_checkpoint
+
+    def full_disk_for_one(job_id, step, states):
+        if job_id == lost.job_id:
+            raise OSError(28, "No space left on device")
+        write(job_id, step, states)
+    monkeypatch.setattr(store, "save_checkpoint", full_disk_for_one)
+    assert c.save_all() == [kept.job_id]
+    with pytest.raises(Unavailable, match="the server is stopping"):
+        list(c.step(lost.job_id, 1))                     # its disk state stays at its last checkpoint: step 0
+    assert {job_id: step for job_id, _, step, _ in StateStore(str(tmp_path)).load()} == \
+        {kept.job_id: 2, lost.job_id: 0}
+    c.close()
+
+
 def test_bytes_per_step_do_not_depend_on_the_parameter_count():
     c = Coordinator(LocalShardGroup)
     moved = []
