@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 # Service vs in-process numpy on the workloads of bench/, three runs and the verdict on the
-# targets; writes bench/RESULTS.md (takes about ten minutes on 2 cores).
+# targets; writes bench/RESULTS.md (7.5-8 minutes on the 2-core machine of bench/RESULTS.md).
 bench: $(STAMP)
 	$(VENV)/bin/gradshard bench --runs 3 --write bench/RESULTS.md
 
