@@ -21,6 +21,11 @@ class Verdict:
     value: float | None     # what is compared (None: no single number, as for W5)
     text: str               # how it is shown
     met: bool
+    decimals: int = 0       # how a figure of this kind is written (a median across runs too)
+    unit: str = ""
+
+    def show(self, value: float) -> str:
+        return f"{value:.{self.decimals}f}{self.unit}"
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,7 @@ W5_PARAMS = {10**5, 10**6, 10**7}
 def _shown(value: float, decimals: int, unit: str, met: Callable[[float], bool]) -> Verdict:
     """The figure rounded as it is shown, and judged so."""
     shown = round(value, decimals)
-    return Verdict(shown, f"{shown:.{decimals}f}{unit}", met(shown))
+    return Verdict(shown, f"{shown:.{decimals}f}{unit}", met(shown), decimals, unit)
 
 
 def _ratio(prefix: str) -> Callable[[Sequence[Row]], Verdict | None]:
@@ -109,20 +114,11 @@ def verdict_table(runs: Sequence[Sequence[Row]]) -> str:
         cells = [v.text for v in verdicts]
         met = sum(v.met for v in verdicts)
         if n > 1:
-            values = [v.value for v in verdicts if v.value is not None]
-            example = next((v.text for v in verdicts if v.value is not None), "")
-            cells.append(_same_format(example, statistics.median(values)) if values else "–")
+            figures = [v for v in verdicts if v.value is not None]
+            cells.append(figures[0].show(statistics.median(v.value for v in figures)) if figures else "–")
             outcome = f"{met} of {n}"
         else:
             outcome = "yes" if met else "**no**"
         lines.append(f"| {target.name} | {target.goal} | " + " | ".join(cells) + f" | {outcome} |")
     return "\n".join(lines) if judged else "No target of the performance issue was measured."
 
-
-def _same_format(example: str, value: float) -> str:
-    """`value` written as `example` is (a ratio or GB/s to three decimals, ms to two)."""
-    if example.endswith(" ms"):
-        return f"{value:.2f} ms"
-    if example.endswith(" GB/s"):
-        return f"{value:.3f} GB/s"
-    return f"{value:.3f}"

@@ -114,8 +114,7 @@ class Coordinator:
         if config.data.kind == "dataset":   # an uploaded set: its file, read like any .npz
             config = dataclasses.replace(config, data=DataSpec("npz", path=self.datasets.get(config.data.path).path,
                                                                dataset_id=config.data.path))
-        if self.jobs.stopping:                                     # refuse before starting any shard
-            raise Unavailable("the server is stopping; create the job again once it is back")
+        self.jobs.refuse_if_stopping("create the job again")     # before starting any shard
         check_room(self.jobs.count(), self.limits.max_jobs)      # refuse before starting any shard
         spec, labels = resolve(config, self.limits)
         plan = spec.plan(config.shards)
@@ -207,8 +206,7 @@ class Coordinator:
     def delete_dataset(self, dataset_id: str) -> None:
         """Forget an upload; refused while a job reads it (a recovery or a restart would need it)."""
         self.datasets.get(dataset_id)
-        if self.jobs.stopping:        # the jobs it no longer lists may need the upload when they resume
-            raise Unavailable("the server is stopping; delete the data set once it is back")
+        self.jobs.refuse_if_stopping("delete the data set")     # a job that resumes then may need it
         users = [j.job_id for j in self.jobs.all() if j.config.data.dataset_id == dataset_id]
         if users:
             raise FailedPrecondition(f"data set {dataset_id} is used by {', '.join(users)}; delete those jobs first")

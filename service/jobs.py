@@ -248,10 +248,14 @@ class JobRegistry:
         self.stopping = False      # the server is stopping: no new job
         self._taken: set[str] = set()   # the jobs take_all() let go of: not "unknown" while the server stops
 
+    def refuse_if_stopping(self, what: str) -> None:
+        """Unavailable while the server stops: `what` (e.g. "create the job") is for once it is back."""
+        if self.stopping:
+            raise Unavailable(f"the server is stopping; {what} once it is back")
+
     def add(self, job: Job, max_jobs: int) -> None:
         with self._lock:
-            if self.stopping:
-                raise Unavailable("the server is stopping; create the job again once it is back")
+            self.refuse_if_stopping("create the job again")
             check_room(len(self._jobs), max_jobs)
             self._jobs[job.job_id] = job
 
