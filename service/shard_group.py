@@ -302,24 +302,52 @@ class RayShardGroup:
         The new actor has the initial parameters: the caller restores a checkpoint.
         """
         ray = self._ray
+        # Every shard is asked at once: those that cannot answer (a node that vanished, one that
+        # hangs) cost one restart timeout together, not one each.
+        asked = [actor.get_step.remote() for actor in self.actors]
+        answered, _ = ray.wait(asked, num_returns=len(asked), timeout=self._restart_timeout_s)
+        answered = set(answered)
         dead = []
-        for s, actor in enumerate(self.actors):
+        for s, ref in enumerate(asked):
             try:
-                ray.get(actor.get_step.remote(), timeout=self._restart_timeout_s)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.ObjectLostError):
-                dead.append(s)
+                if ref in answered:
+                    ray.get(ref)
+                    continue
+            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
+                pass
+            dead.append(s)
         if dead:
             self._close_channels()
             self._channels_retry_at = 0.0
         for s in dead:
+            self._restart(s, data)
+        return dead
+
+    def _restart(self, s: int, data: Any) -> None:
+        """A new actor for shard s, its data loaded, within the restart timeout.
+
+        A replacement that dies while it starts, for a reason not its own (its creation did
+        not raise), is started again until the timeout: a node that vanished (no network)
+        is declared dead by Ray only after its health checks (about a minute by default),
+        later than the lines notice (TCP_USER_TIMEOUT, 30 s), so the first replacement may be
+        sent to the same bundle of the placement group, on that node, and die with it. Ray then moves the
+        bundle to a live node, where the next one starts.
+        """
+        ray = self._ray
+        deadline = time.monotonic() + self._restart_timeout_s
+        while True:
             ray.kill(self.actors[s])
             self.actors[s] = self._start(s)
             try:
-                ray.get(self.actors[s].load.remote(data), timeout=self._restart_timeout_s)
+                ray.get(self.actors[s].load.remote(data), timeout=max(0.0, deadline - time.monotonic()))
+                return
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
-                raise ShardUnavailable(f"shard {s} died and could not be restarted within "
-                                       f"{self._restart_timeout_s:g} s ({type(exc).__name__})") from None
-        return dead
+                # A timeout, or a creation that raised, would only happen again
+                if getattr(exc, "actor_init_failed", True) or time.monotonic() >= deadline:
+                    raise ShardUnavailable(f"shard {s} died and could not be restarted within "
+                                           f"{self._restart_timeout_s:g} s ({type(exc).__name__})") from None
+                log.warning("the replacement of shard %d died while starting (its node lost?); starting another",
+                            s)
 
     def _close_channels(self) -> None:
         with self._channel_lock:

@@ -56,6 +56,39 @@ def pids(server, job_id):
     return [__import__("ray").get(a.pid.remote()) for a in group.actors]
 
 
+def test_shards_that_cannot_answer_are_found_in_one_restart_timeout_not_one_each(client, server):
+    """Two shards hung (SIGSTOP), as on a node that hangs or vanishes: recovery asks every shard
+    at once, so finding both takes one restart timeout; then both are replaced."""
+    import os
+    import signal
+    import time
+
+    from service.recovery import recover
+
+    job = client.create_job("softmax", shards=3, rows=20, features=6, outputs=3, dtype="float64")
+    list(client.step(job.job_id, 3))
+    before = client.get_params(job.job_id, flat=True)["flat"]
+    held = server[1].jobs.get(job.job_id)
+    hung = pids(server, job.job_id)[:2]
+    timeout_s = 8.0
+    held.group._restart_timeout_s = timeout_s
+    for pid in hung:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with held.lock:
+            replaced = recover(held)
+        took = time.monotonic() - t0
+    finally:
+        for pid in hung:
+            os.kill(pid, signal.SIGKILL)
+    assert replaced == [0, 1]
+    assert timeout_s <= took < 2 * timeout_s, took          # one wait for both (starting them is ~1 s each)
+    assert not set(pids(server, job.job_id)[:2]) & set(hung)
+    np.testing.assert_array_equal(client.get_params(job.job_id, flat=True)["flat"], before)
+    client.delete_job(job.job_id)
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_a_shard_process_killed_mid_training_is_recovered_and_the_run_matches(client, server, dtype):
     import os

@@ -1,8 +1,9 @@
 """Shards spread over several Ray nodes (ray.cluster_utils.Cluster: three raylets on this machine).
 
-A cluster needs a Ray of its own, so tests/multinode_run.py (placement, a node removed) and
-tests/hung_node_run.py (a node that hangs) each run in a separate process (this session's Ray
-fixture would be a second Ray in one process) and print their findings.
+A cluster needs a Ray of its own, so tests/multinode_run.py (placement, a node removed),
+tests/hung_node_run.py (a node that hangs) and tests/vanished_node_run.py (a node whose network
+is cut: one node in a network namespace of its own, so root is needed) each run in a separate
+process (this session's Ray fixture would be a second Ray in one process) and print their findings.
 """
 import json
 import subprocess
@@ -75,3 +76,20 @@ def test_a_step_call_over_a_node_that_hangs_recovers_once_ray_declares_the_node_
     assert hung["step_call_seconds"] < hung["call_timeout_s"] / 2, hung
     assert hung["victim"] not in hung["nodes_after"]
     assert hung["same_parameters_as_a_job_never_hung"]
+
+
+@pytest.fixture(scope="module")
+def vanished():
+    return run_for_findings("vanished_node_run.py")
+
+
+def test_a_step_call_over_a_node_that_vanishes_recovers_with_rays_default_health_checks(vanished):
+    """The node's network cut (its end of a veth pair set down): nothing crosses, not even an
+    answer to keepalives. The line gives up first (TCP_USER_TIMEOUT, 30 s), Ray declares the node
+    dead about a minute after the cut; a replacement sent to the node before that dies with it and
+    is started again on a live node. The call carries on well within its timeout (600 s)."""
+    assert vanished["victim_held_a_shard"], vanished
+    assert vanished["steps"] == [4, 5], vanished            # Step recovered by itself and went on
+    assert vanished["step_call_seconds"] < 150, vanished
+    assert vanished["victim"] not in vanished["nodes_after"]
+    assert vanished["same_parameters_as_a_job_never_cut_off"]

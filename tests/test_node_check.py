@@ -69,3 +69,67 @@ def test_lines_whose_shards_cannot_say_their_nodes_are_closed_and_not_kept(monke
     assert group._open_channels() is opened[1] and group._nodes == ["node-a", "node-b"]
     group._close_channels()
     assert opened[1].closed and group._nodes == []
+
+
+def restarting_group(outcomes, timeout_s=30.0):
+    """A RayShardGroup whose one shard is replaced (RayShardGroup._restart) with a stand-in for Ray:
+    each new actor's load meets the next of `outcomes` (an exception to raise, or None: loaded)."""
+    import itertools
+    import time
+
+    from ray import exceptions
+    group = object.__new__(RayShardGroup)
+    group._restart_timeout_s = timeout_s
+    group.actors = ["the dead shard's actor"]
+    started, killed, outcomes = [], [], iter(outcomes)
+    names = (f"replacement {k}" for k in itertools.count(1))
+
+    def start(s):
+        started.append(next(names))
+        return SimpleNamespace(name=started[-1], load=SimpleNamespace(remote=lambda data: data))
+
+    def get(ref, timeout):
+        outcome = next(outcomes)
+        if isinstance(outcome, float):              # a replacement that dies after this many seconds
+            time.sleep(outcome)
+            outcome = exceptions.ActorDiedError()
+        if outcome is not None:
+            raise outcome
+    group._start = start
+    group._ray = SimpleNamespace(kill=lambda actor: killed.append(getattr(actor, "name", actor)), get=get,
+                                 exceptions=exceptions)
+    return group, started, killed
+
+
+def test_a_replacement_that_dies_while_it_starts_is_started_again():
+    """Its node lost (a vanished node, declared dead by Ray after the lines noticed): Ray moves the
+    placement group's bundle to a live node, where the next replacement starts."""
+    from ray.exceptions import ActorDiedError
+    group, started, killed = restarting_group([ActorDiedError(), None])
+    group._restart(0, "the job's data")
+    assert started == ["replacement 1", "replacement 2"]
+    assert killed == ["the dead shard's actor", "replacement 1"]
+    assert group.actors[0].name == "replacement 2"
+
+
+def test_a_replacement_whose_creation_raised_is_not_started_again():
+    from ray.exceptions import RayActorError
+    group, started, _ = restarting_group([RayActorError(error_msg="__init__ raised", actor_init_failed=True)])
+    with pytest.raises(ShardUnavailable, match="shard 0 died and could not be restarted within 30 s"):
+        group._restart(0, "the job's data")
+    assert started == ["replacement 1"]
+
+
+def test_replacements_that_keep_dying_stop_at_the_restart_timeout():
+    group, started, _ = restarting_group([0.03] * 100, timeout_s=0.1)
+    with pytest.raises(ShardUnavailable, match=r"within 0.1 s \(ActorDiedError\)"):
+        group._restart(0, "the job's data")
+    assert 2 <= len(started) <= 5
+
+
+def test_a_replacement_that_does_not_load_in_time_is_a_dead_shard():
+    from ray.exceptions import GetTimeoutError
+    group, started, _ = restarting_group([GetTimeoutError()])
+    with pytest.raises(ShardUnavailable, match=r"within 30 s \(GetTimeoutError\)"):
+        group._restart(0, "the job's data")
+    assert started == ["replacement 1"]
