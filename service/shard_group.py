@@ -33,6 +33,9 @@ CHANNEL_RETRY_S = 60.0        # Ray calls for this long after the lines to a job
 # nodes are alive: a node that hangs or vanishes sends nothing (no FIN; a hung one even
 # answers TCP's keepalives), and the wait would otherwise last the call's whole timeout.
 NODE_CHECK_S = 5.0
+# Actors started for one dead shard at most: a replacement sent to a node that vanished dies
+# with it once Ray declares the node dead, and the next goes to a live node (RayShardGroup._restart).
+RESTARTS = 3
 # Calls that only copy out a shard's array: lent from its shared memory when it is on this node
 # (RayShardGroup.lend).
 SHARED_READS = {"get_params": "theta", "get_grad": "grad"}
@@ -327,23 +330,23 @@ class RayShardGroup:
         """A new actor for shard s, its data loaded, within the restart timeout.
 
         A replacement that dies while it starts, for a reason not its own (its creation did
-        not raise), is started again until the timeout: a node that vanished (no network)
-        is declared dead by Ray only after its health checks (about a minute by default),
-        later than the lines notice (TCP_USER_TIMEOUT, 30 s), so the first replacement may be
-        sent to the same bundle of the placement group, on that node, and die with it. Ray then moves the
-        bundle to a live node, where the next one starts.
+        not raise), is started again, at most RESTARTS times in all and within the timeout: a
+        node that vanished (no network) is declared dead by Ray only after its health checks
+        (about a minute by default), later than the lines notice (TCP_USER_TIMEOUT, 30 s), so
+        the first replacement may be sent to the bundle of the placement group on that node
+        and die with it. Ray then moves the bundle to a live node, where the next one starts.
         """
         ray = self._ray
         deadline = time.monotonic() + self._restart_timeout_s
-        while True:
+        for attempt in range(1, RESTARTS + 1):
             ray.kill(self.actors[s])
             self.actors[s] = self._start(s)
             try:
                 ray.get(self.actors[s].load.remote(data), timeout=max(0.0, deadline - time.monotonic()))
                 return
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
-                # A timeout, or a creation that raised, would only happen again
-                if getattr(exc, "actor_init_failed", True) or time.monotonic() >= deadline:
+                # A timeout, or a creation that raised, would only happen again.
+                if getattr(exc, "actor_init_failed", True) or attempt == RESTARTS or time.monotonic() >= deadline:
                     raise ShardUnavailable(f"shard {s} died and could not be restarted within "
                                            f"{self._restart_timeout_s:g} s ({type(exc).__name__})") from None
                 log.warning("the replacement of shard %d died while starting (its node lost?); starting another",

@@ -1,6 +1,6 @@
 """Durable job state under --state-dir: job definitions and complete sets of shard checkpoints.
 
-    STATE/jobs/<job_id>/job.json             the JobConfig
+    STATE/jobs/<job_id>/job.json             the JobConfig, and when the job was created
     STATE/jobs/<job_id>/ckpt-<step>-<id>/shard-<s>.npz   one shard's parameters, step and optimizer state
     STATE/jobs/<job_id>/manifest.json        names the newest complete checkpoint (with checksums)
 
@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -54,7 +55,7 @@ class StateStore:
         d = self._job_dir(job_id)
         d.mkdir(parents=True, exist_ok=True)
         write_atomic(d / "job.json", lambda f: f.write(json.dumps(
-            {"job_id": job_id, "config": config_to_dict(config)}, indent=1).encode()))
+            {"job_id": job_id, "config": config_to_dict(config), "created_ns": time.time_ns()}, indent=1).encode()))
         fsync_dir(d.parent)
 
     def save_checkpoint(self, job_id: str, step: int, states: list[dict]) -> None:
@@ -81,8 +82,9 @@ class StateStore:
         shutil.rmtree(self._job_dir(job_id), ignore_errors=True)
 
     def load(self) -> list[tuple[str, JobConfig, int, list[dict]]]:
-        """(job_id, config, step, shard states) of every saved job with a complete checkpoint."""
-        out = []
+        """(job_id, config, step, shard states) of every saved job with a complete checkpoint, in the
+        order the jobs were created (so that ListJobs keeps it across a restart)."""
+        out, created = [], {}
         for d in sorted((self.root / "jobs").iterdir()):
             try:
                 saved = json.loads((d / "job.json").read_text())
@@ -98,6 +100,7 @@ class StateStore:
                     states.append({"theta": st["theta"], "step": int(st["step"]), "opt_t": int(st["opt_t"]),
                                    "m": st.get("m"), "v": st.get("v")})
                 out.append((saved["job_id"], config_from_dict(saved["config"]), int(manifest["step"]), states))
+                created[saved["job_id"]] = int(saved.get("created_ns", 0))    # 0: saved before it was recorded
             except (OSError, ValueError, KeyError) as exc:
                 log.error("cannot resume %s: %s", d.name, exc, extra={"job_id": d.name})
-        return out
+        return sorted(out, key=lambda saved: created[saved[0]])         # stable: ties stay by job id

@@ -15,9 +15,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_for_findings(script: str) -> dict:
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / script)], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+def run_for_findings(script: str, *args: str, timeout: float = 300) -> dict:
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / script), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert lines, f"no findings (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return json.loads(lines[-1])
@@ -80,14 +80,27 @@ def test_a_step_call_over_a_node_that_hangs_recovers_once_ray_declares_the_node_
 
 @pytest.fixture(scope="module")
 def vanished():
-    return run_for_findings("vanished_node_run.py")
+    import os
+
+    import netns
+    name = f"gsv{os.getpid() % 100_000}"             # ip's names: at most 15 characters with the "h" or "n"
+    try:
+        # past the script's own watchdog (270 s) and its backstop (30 s)
+        found = run_for_findings("vanished_node_run.py", name, timeout=340)
+    finally:
+        netns.remove(name)                            # whatever a killed script left behind
+    if "skipped" in found:
+        pytest.skip(found["skipped"])
+    return found
 
 
 def test_a_step_call_over_a_node_that_vanishes_recovers_with_rays_default_health_checks(vanished):
     """The node's network cut (its end of a veth pair set down): nothing crosses, not even an
     answer to keepalives. The line gives up first (TCP_USER_TIMEOUT, 30 s), Ray declares the node
     dead about a minute after the cut; a replacement sent to the node before that dies with it and
-    is started again on a live node. The call carries on well within its timeout (600 s)."""
+    is started again on a live node (in the runs here it was). The call carries on well within
+    its timeout (600 s)."""
+    assert "error" not in vanished, vanished
     assert vanished["victim_held_a_shard"], vanished
     assert vanished["steps"] == [4, 5], vanished            # Step recovered by itself and went on
     assert vanished["step_call_seconds"] < 150, vanished

@@ -71,17 +71,21 @@ def test_lines_whose_shards_cannot_say_their_nodes_are_closed_and_not_kept(monke
     assert opened[1].closed and group._nodes == []
 
 
-def restarting_group(outcomes, timeout_s=30.0):
-    """A RayShardGroup whose one shard is replaced (RayShardGroup._restart) with a stand-in for Ray:
-    each new actor's load meets the next of `outcomes` (an exception to raise, or None: loaded)."""
+def restarting_group(outcomes, monkeypatch, timeout_s=30.0):
+    """A RayShardGroup whose one shard is replaced (RayShardGroup._restart) with a stand-in for Ray
+    and a clock of its own: each new actor's load meets the next of `outcomes` (an exception to
+    raise, a number of seconds after which it dies, or None: loaded)."""
     import itertools
-    import time
 
     from ray import exceptions
+
+    from service import shard_group
+    clock = [0.0]
+    monkeypatch.setattr(shard_group, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     group = object.__new__(RayShardGroup)
     group._restart_timeout_s = timeout_s
     group.actors = ["the dead shard's actor"]
-    started, killed, outcomes = [], [], iter(outcomes)
+    started, killed, timeouts, outcomes = [], [], [], iter(outcomes)
     names = (f"replacement {k}" for k in itertools.count(1))
 
     def start(s):
@@ -89,47 +93,57 @@ def restarting_group(outcomes, timeout_s=30.0):
         return SimpleNamespace(name=started[-1], load=SimpleNamespace(remote=lambda data: data))
 
     def get(ref, timeout):
+        timeouts.append(timeout)
         outcome = next(outcomes)
-        if isinstance(outcome, float):              # a replacement that dies after this many seconds
-            time.sleep(outcome)
+        if isinstance(outcome, float):
+            clock[0] += outcome
             outcome = exceptions.ActorDiedError()
         if outcome is not None:
             raise outcome
     group._start = start
     group._ray = SimpleNamespace(kill=lambda actor: killed.append(getattr(actor, "name", actor)), get=get,
                                  exceptions=exceptions)
-    return group, started, killed
+    return group, started, killed, timeouts
 
 
-def test_a_replacement_that_dies_while_it_starts_is_started_again():
+def test_a_replacement_that_dies_while_it_starts_is_started_again(monkeypatch):
     """Its node lost (a vanished node, declared dead by Ray after the lines noticed): Ray moves the
-    placement group's bundle to a live node, where the next replacement starts."""
-    from ray.exceptions import ActorDiedError
-    group, started, killed = restarting_group([ActorDiedError(), None])
+    placement group's bundle to a live node, where the next replacement starts, in what is left
+    of the restart timeout."""
+    group, started, killed, timeouts = restarting_group([6.0, None], monkeypatch)
     group._restart(0, "the job's data")
     assert started == ["replacement 1", "replacement 2"]
     assert killed == ["the dead shard's actor", "replacement 1"]
     assert group.actors[0].name == "replacement 2"
+    assert timeouts == [30.0, 24.0]
 
 
-def test_a_replacement_whose_creation_raised_is_not_started_again():
+def test_a_replacement_whose_creation_raised_is_not_started_again(monkeypatch):
     from ray.exceptions import RayActorError
-    group, started, _ = restarting_group([RayActorError(error_msg="__init__ raised", actor_init_failed=True)])
+    failed = RayActorError(error_msg="__init__ raised", actor_init_failed=True)
+    group, started, _, _ = restarting_group([failed], monkeypatch)
     with pytest.raises(ShardUnavailable, match="shard 0 died and could not be restarted within 30 s"):
         group._restart(0, "the job's data")
     assert started == ["replacement 1"]
 
 
-def test_replacements_that_keep_dying_stop_at_the_restart_timeout():
-    group, started, _ = restarting_group([0.03] * 100, timeout_s=0.1)
-    with pytest.raises(ShardUnavailable, match=r"within 0.1 s \(ActorDiedError\)"):
+def test_replacements_that_keep_dying_stop_at_the_restart_timeout(monkeypatch):
+    group, started, _, timeouts = restarting_group([12.0, 20.0, 1.0], monkeypatch)
+    with pytest.raises(ShardUnavailable, match=r"within 30 s \(ActorDiedError\)"):
         group._restart(0, "the job's data")
-    assert 2 <= len(started) <= 5
+    assert started == ["replacement 1", "replacement 2"] and timeouts == [30.0, 18.0]
 
 
-def test_a_replacement_that_does_not_load_in_time_is_a_dead_shard():
+def test_replacements_that_die_at_once_stop_after_three(monkeypatch):
+    group, started, _, _ = restarting_group([0.5] * 10, monkeypatch)
+    with pytest.raises(ShardUnavailable, match=r"\(ActorDiedError\)"):
+        group._restart(0, "the job's data")
+    assert len(started) == 3
+
+
+def test_a_replacement_that_does_not_load_in_time_is_a_dead_shard(monkeypatch):
     from ray.exceptions import GetTimeoutError
-    group, started, _ = restarting_group([GetTimeoutError()])
+    group, started, _, _ = restarting_group([GetTimeoutError()], monkeypatch)
     with pytest.raises(ShardUnavailable, match=r"within 30 s \(GetTimeoutError\)"):
         group._restart(0, "the job's data")
     assert started == ["replacement 1"]
