@@ -138,7 +138,8 @@ class GradShardServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListJobs(self, request, context):
-        """Describe every job, in creation order, without waiting for calls in flight
+        """Describe every job, in creation order (kept across a restart with
+        --state-dir), without waiting for calls in flight
         (a busy job's shards are shown at Job.step).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -222,10 +223,11 @@ class GradShardServicer:
     def UploadDataset(self, request_iterator, context):
         """Upload a data set: the first message gives its name (and, for class
         labels, the number of classes); messages carry TensorChunks of "X"
-        (rows x features, FLOAT32 or FLOAT64) and "y" (rows,; FLOAT32, FLOAT64 or
-        INT64). The set is validated (shapes, finite values, label range) and
-        stored whole or not at all. RESOURCE_EXHAUSTED when it would exceed the
-        server's data limit (declared sizes are checked before any allocation).
+        (rows x features, FLOAT32 or FLOAT64) and "y" (rows,; or rows x K for a
+        linear model of K outputs; FLOAT32, FLOAT64 or INT64). The set is
+        validated (shapes, finite values, label range) and stored whole or not at
+        all. RESOURCE_EXHAUSTED when it would exceed the server's data limit
+        (declared sizes are checked before any allocation).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -239,7 +241,8 @@ class GradShardServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteDataset(self, request, context):
-        """Forget an uploaded data set (jobs already created on it keep their data).
+        """Forget an uploaded data set. FAILED_PRECONDITION while a job uses it
+        (delete those jobs first); UNAVAILABLE while the server is stopping.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
