@@ -138,7 +138,7 @@ class Coordinator:
             raise
         if resume is None and self.state is not None:         # on disk only once the job is accepted
             try:
-                self.state.save_job(job.job_id, config)
+                self.state.save_job(job.job_id, config, job.created_ns)
                 self.state.save_checkpoint(job.job_id, job.step, job.checkpoint.states)
             except BaseException:
                 with contextlib.suppress(NotFound, Unavailable):    # close() may have taken it meanwhile

@@ -5,6 +5,7 @@ import contextlib
 import math
 import os
 import threading
+import time
 from typing import Iterator
 from dataclasses import dataclass, field
 
@@ -178,6 +179,7 @@ class Job:
     held_gradient: object = None  # service.step.StepReport of the step whose gradient the shards keep; None: none
     inflight: object = None       # service.recovery.StepInFlight: a step the shards are running, not yet settled
     holdout_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    created_ns: int = 0           # when the registry took it (ListJobs' order; --state-dir keeps it)
 
     def __post_init__(self) -> None:
         self.train_rows, self.holdout_rows = holdout_split(self.config.seed, self.rows,
@@ -247,6 +249,7 @@ class JobRegistry:
         self._lock = threading.Lock()
         self.stopping = False      # the server is stopping: no new job
         self._taken: set[str] = set()   # the jobs take_all() let go of: not "unknown" while the server stops
+        self._last_created = 0
 
     def refuse_if_stopping(self, what: str) -> None:
         """Unavailable while the server stops: `what` (e.g. "create the job") is for once it is back."""
@@ -257,6 +260,8 @@ class JobRegistry:
         with self._lock:
             self.refuse_if_stopping("create the job again")
             check_room(len(self._jobs), max_jobs)
+            # stamped here, under the lock: the order of ListJobs, even should the clock step back
+            job.created_ns = self._last_created = max(time.time_ns(), self._last_created + 1)
             self._jobs[job.job_id] = job
 
     def count(self) -> int:

@@ -346,9 +346,12 @@ class RayShardGroup:
                 return
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
                 # A timeout, or a creation that raised, would only happen again.
-                if getattr(exc, "actor_init_failed", True) or attempt == RESTARTS or time.monotonic() >= deadline:
+                if getattr(exc, "actor_init_failed", True) or time.monotonic() >= deadline:
                     raise ShardUnavailable(f"shard {s} died and could not be restarted within "
                                            f"{self._restart_timeout_s:g} s ({type(exc).__name__})") from None
+                if attempt == RESTARTS:
+                    raise ShardUnavailable(f"shard {s} died and could not be restarted: {RESTARTS} replacements "
+                                           f"died while starting ({type(exc).__name__})") from None
                 log.warning("the replacement of shard %d died while starting (its node lost?); starting another",
                             s)
 

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import shutil
-import time
 import uuid
 from pathlib import Path
 
@@ -51,11 +50,12 @@ class StateStore:
     def _job_dir(self, job_id: str) -> Path:
         return self.root / "jobs" / job_id
 
-    def save_job(self, job_id: str, config: JobConfig) -> None:
+    def save_job(self, job_id: str, config: JobConfig, created_ns: int = 0) -> None:
+        """The job's definition; created_ns (its place in ListJobs) orders the jobs a restart resumes."""
         d = self._job_dir(job_id)
         d.mkdir(parents=True, exist_ok=True)
         write_atomic(d / "job.json", lambda f: f.write(json.dumps(
-            {"job_id": job_id, "config": config_to_dict(config), "created_ns": time.time_ns()}, indent=1).encode()))
+            {"job_id": job_id, "config": config_to_dict(config), "created_ns": created_ns}, indent=1).encode()))
         fsync_dir(d.parent)
 
     def save_checkpoint(self, job_id: str, step: int, states: list[dict]) -> None:
@@ -99,8 +99,9 @@ class StateStore:
                         st = {k: f[k] for k in f.files}
                     states.append({"theta": st["theta"], "step": int(st["step"]), "opt_t": int(st["opt_t"]),
                                    "m": st.get("m"), "v": st.get("v")})
+                when = int(saved.get("created_ns") or 0)         # 0: saved before it was recorded
                 out.append((saved["job_id"], config_from_dict(saved["config"]), int(manifest["step"]), states))
-                created[saved["job_id"]] = int(saved.get("created_ns", 0))    # 0: saved before it was recorded
-            except (OSError, ValueError, KeyError) as exc:
+                created[saved["job_id"]] = when
+            except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.error("cannot resume %s: %s", d.name, exc, extra={"job_id": d.name})
         return sorted(out, key=lambda saved: created[saved[0]])         # stable: ties stay by job id

@@ -70,7 +70,7 @@ def test_shards_that_cannot_answer_are_found_in_one_restart_timeout_not_one_each
     before = client.get_params(job.job_id, flat=True)["flat"]
     held = server[1].jobs.get(job.job_id)
     group, hung, restarts = held.group, pids(server, job.job_id)[:2], []
-    timeout_s = 8.0
+    timeout_s = 10.0
     group._restart_timeout_s = timeout_s
     restart = group._restart
 
@@ -90,11 +90,13 @@ def test_shards_that_cannot_answer_are_found_in_one_restart_timeout_not_one_each
                 os.kill(pid, signal.SIGKILL)              # ray.kill may have ended them already
             except ProcessLookupError:
                 pass
-    assert replaced == [0, 1] and [s for s, _ in restarts] == [0, 1]
-    assert timeout_s <= restarts[0][1] < 1.5 * timeout_s, restarts    # one after one the wait was 2 x 8 s
-    assert not set(pids(server, job.job_id)[:2]) & set(hung)
-    np.testing.assert_array_equal(client.get_params(job.job_id, flat=True)["flat"], before)
-    client.delete_job(job.job_id)
+    try:
+        assert replaced == [0, 1] and [s for s, _ in restarts] == [0, 1]
+        assert timeout_s <= restarts[0][1] < 1.5 * timeout_s, restarts    # one after one the wait was 2 x 10 s
+        assert not set(pids(server, job.job_id)[:2]) & set(hung)
+        np.testing.assert_array_equal(client.get_params(job.job_id, flat=True)["flat"], before)
+    finally:
+        client.delete_job(job.job_id)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

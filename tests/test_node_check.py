@@ -136,7 +136,8 @@ def test_replacements_that_keep_dying_stop_at_the_restart_timeout(monkeypatch):
 
 def test_replacements_that_die_at_once_stop_after_three(monkeypatch):
     group, started, _, _ = restarting_group([0.5] * 10, monkeypatch)
-    with pytest.raises(ShardUnavailable, match=r"\(ActorDiedError\)"):
+    with pytest.raises(ShardUnavailable, match=r"could not be restarted: 3 replacements died while starting "
+                                                r"\(ActorDiedError\)"):
         group._restart(0, "the job's data")
     assert len(started) == 3
 

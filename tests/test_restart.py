@@ -214,3 +214,19 @@ def test_a_damaged_checkpoint_is_not_resumed(tmp_path, caplog):
     shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789")
     assert store.load() == []
     assert "does not match its checksum" in caplog.text
+
+
+def test_jobs_are_resumed_in_the_order_they_were_created(tmp_path, caplog):
+    """job.json's created_ns orders them (older files without it come first, by id); a job whose
+    stamp does not parse is not resumed, and the others still are."""
+    import json
+
+    store = StateStore(str(tmp_path))
+    config = JobConfig("linear", DataSpec("synthetic", rows=4, seed=1), features=3)
+    for job_id, created in (("job-a", 30), ("job-b", 10), ("job-c", 0), ("job-d", 20), ("job-e", 0), ("job-f", 5)):
+        store.save_job(job_id, config, created)
+        store.save_checkpoint(job_id, 1, states(1, 1))
+    saved = tmp_path / "jobs" / "job-f" / "job.json"
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "created_ns": "not a number"}))
+    assert [job_id for job_id, _, _, _ in store.load()] == ["job-c", "job-e", "job-b", "job-d", "job-a"]
+    assert "cannot resume job-f" in caplog.text

@@ -7,7 +7,7 @@ there; then the namespace's end of the pair is set down. From then on nothing cr
 no RST, no answer to keepalives or retransmissions, as when a node loses power or its network.
 Ray's health checks and the coordinator's call timeout keep their defaults, so what breaks the
 silence is what a real deployment has. Needs root (ip netns); prints one JSON object of findings
-({"skipped": why} when it cannot make the namespace).
+({"skipped": why} when not run as root, {..., "error": what} when something failed).
 
     python tests/vanished_node_run.py NAME     NAME: the namespace (its veth ends: NAME + "h", NAME + "n")
 """
@@ -29,6 +29,8 @@ from service.coordinator import Coordinator  # noqa: E402
 from service.server import create_server, set_serving  # noqa: E402
 
 STORE = 150 << 20
+if len(sys.argv) != 2:
+    sys.exit(f"usage: python {sys.argv[0]} NAME   (NAME: the network namespace to make, at most 14 characters)")
 NS = sys.argv[1]
 NET = f"198.18.{os.getpid() % 250}"                # a /30 of its own (the range set aside for network tests), .1 here, .2 there
 HOST, NODE = f"{NET}.1", f"{NET}.2"
@@ -41,6 +43,7 @@ def give_up() -> None:
     backstop = threading.Timer(30, os._exit, (3,))
     backstop.daemon = True
     backstop.start()
+    print(json.dumps({**out, "error": "the run did not end within 270 s"}), flush=True)
     netns.remove(NS)
     try:
         cluster.shutdown()
@@ -100,7 +103,10 @@ if __name__ == "__main__":
         print(json.dumps(out), flush=True)
         netns.remove(NS)
         if remote_node is not None:
-            remote_node.wait(timeout=30)
+            try:
+                remote_node.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                remote_node.kill()
         if server is not None:
             server.stop(0)
         ray.shutdown()
