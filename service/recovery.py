@@ -20,6 +20,9 @@ from service.jobs import Job
 from service.step import StepReport, begin_sgd_step, sgd_step
 
 log = logging.getLogger(__name__)
+# Rounds of one recovery: a shard that dies while the others are restored or replayed (a
+# second node lost, a replacement that crashes) begins a new round from the checkpoint.
+RECOVERIES = 3
 
 
 @dataclass
@@ -43,26 +46,41 @@ def take_checkpoint(job: Job, store=None) -> Checkpoint:
 def recover(job: Job) -> list[int]:
     """Replace dead shards, restore the checkpoint on every shard, replay to the job's step.
 
+    A shard that dies during the restore or the replay starts the recovery again (at most
+    RECOVERIES rounds in all): the checkpoint and the steps since are still there.
     Returns the replaced shards. Raises ShardUnavailable (and marks the job unusable) when
-    a shard cannot be restarted.
+    a shard cannot be restarted or the last round fails too.
     """
     job.shard_epoch += 1              # restored shards keep nothing from an earlier forward
     job.prefetched = None
     job.held_gradient = None          # a restarted shard keeps no gradient; the replay's last step sets it again
+    target, ckpt, replaced = job.step, job.checkpoint, []
     try:
-        dead = job.group.replace_dead(job.config.data)
-        target, ckpt = job.step, job.checkpoint
-        job.group.call("restore", each=[{"state": st} for st in ckpt.states])
-        job.step = ckpt.step
-        for t in range(ckpt.step, target):
-            sgd_step(job, job.lr_log.get(t, 0.0))
+        for attempt in range(1, RECOVERIES + 1):
+            replaced += [s for s in job.group.replace_dead(job.config.data) if s not in replaced]
+            try:
+                _restore_and_replay(job, ckpt, target)
+                break
+            except ShardUnavailable as exc:
+                if attempt == RECOVERIES:
+                    raise
+                log.warning("%s: a shard died during its recovery (%s); recovering again", job.job_id, exc,
+                            extra={"job_id": job.job_id})
         job.node_ids = job.group.node_ids()       # a replaced shard may run on another node
     except Exception as exc:
         job.broken = job.broken or f"a shard died and the job could not be recovered ({exc})"
         raise ShardUnavailable(job.broken) from None
-    log.warning("%s: replaced shards %s, restored step %d and replayed to step %d", job.job_id, dead, ckpt.step,
+    log.warning("%s: replaced shards %s, restored step %d and replayed to step %d", job.job_id, replaced, ckpt.step,
                 target, extra={"job_id": job.job_id, "step": target})
-    return dead
+    return replaced
+
+
+def _restore_and_replay(job: Job, ckpt: Checkpoint, target: int) -> None:
+    """Every shard back to the checkpoint, then the steps since it, to step `target`."""
+    job.group.call("restore", each=[{"state": st} for st in ckpt.states])
+    job.step = ckpt.step
+    for t in range(ckpt.step, target):
+        sgd_step(job, job.lr_log.get(t, 0.0))
 
 
 class StepInFlight:

@@ -329,6 +329,36 @@ def test_a_shard_dying_during_the_periodic_checkpoint_does_not_fail_the_step(mon
     np.testing.assert_array_equal(c.get_params(job.job_id), c.get_params(twin.job_id))
 
 
+@pytest.mark.parametrize("deaths", [2, 4], ids=["one during the replay", "one in each round"])
+def test_a_shard_dying_during_a_recovery_starts_it_again_up_to_three_rounds(monkeypatch, deaths):
+    """Shard 1 dies at its third update (step 3), then again at every update of the recovery's
+    replay, `deaths` times in all: two deaths are recovered (the replay runs again from the
+    checkpoint), four outlast the three rounds of one recovery and leave the job unusable."""
+    from service.errors import ShardUnavailable
+
+    c = Coordinator(LocalShardGroup)
+    job = local_job(c, checkpoint_every=4, batch_size=8)
+    twin = local_job(c, checkpoint_every=4, batch_size=8)
+    real, calls = Shard.backward_apply, []
+
+    def dies(self, *args, **kwargs):
+        if self.index == 1:
+            calls.append(True)
+            if 3 <= len(calls) < 3 + deaths:
+                raise ShardUnavailable("a shard died during backward_apply: ChannelLost; retry the call")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Shard, "backward_apply", dies)
+    if deaths == 2:
+        assert [r.step for r in c.step(job.job_id, 3)] == [1, 2, 3] and not job.broken
+        list(c.step(twin.job_id, 3))
+        np.testing.assert_array_equal(c.get_params(job.job_id), c.get_params(twin.job_id))
+    else:
+        with pytest.raises(ShardUnavailable, match="could not be recovered"):
+            list(c.step(job.job_id, 3))
+        assert job.broken
+
+
 def test_the_server_answers_unavailable_while_it_resumes(client, server):
     server[1].ready = False
     try:
