@@ -23,6 +23,9 @@ class Settings:
     ray_cpus: int = _f(0, "CPUs of the embedded local Ray; 0 = all of this machine's")
     object_store_mb: int = _f(0, "object store of the embedded Ray in MiB; 0 = Ray's default")
     call_timeout_s: float = _f(600.0, "longest wait for the shards of one call")
+    placement_timeout_s: float = _f(30.0, "longest wait to place a job's shards, and to restart a dead one (a "
+                                          "node that vanished: longer than Ray's health checks take to declare "
+                                          "it dead, after the 30 s its lines take to notice)")
     workers: int = _f(64, "server threads (concurrent RPCs)")
     grace_s: float = _f(5.0, "seconds in-flight RPCs get on shutdown")
     state_dir: str = _f("", "keep job definitions and checkpoints here and resume them after a restart; \"\" = off")
@@ -64,6 +67,9 @@ class Settings:
             raise ValueError(f"call_timeout_s in (0, {MAX_CALL_TIMEOUT_S:g}], workers >= 1 and grace_s in "
                              f"[0, {MAX_CALL_TIMEOUT_S:g}] are required, got {self.call_timeout_s}, {self.workers}, "
                              f"{self.grace_s}")
+        if not 0 < self.placement_timeout_s <= MAX_CALL_TIMEOUT_S:
+            raise ValueError(f"placement_timeout_s must be in (0, {MAX_CALL_TIMEOUT_S:g}], "
+                             f"got {self.placement_timeout_s}")
 
     @property
     def address(self) -> str:

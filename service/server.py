@@ -77,7 +77,7 @@ def serve(settings: Settings, ready: threading.Event | None = None) -> None:
     metrics = Metrics()
     keep_freed_memory()                      # each call reuses the last one's pages (workers/memory.py)
     coordinator = Coordinator(call_timeout_s=settings.call_timeout_s, datasets=datasets, limits=limits,
-                              metrics=metrics, state=state)
+                              metrics=metrics, state=state, placement_timeout_s=settings.placement_timeout_s)
     server, port, health_servicer = create_server(coordinator, settings.address, settings.workers, credentials,
                                                   settings.token)
     if settings.metrics_port:

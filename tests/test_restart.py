@@ -230,3 +230,16 @@ def test_jobs_are_resumed_in_the_order_they_were_created(tmp_path, caplog):
     saved.write_text(json.dumps({**json.loads(saved.read_text()), "created_ns": "not a number"}))
     assert [job_id for job_id, _, _, _ in store.load()] == ["job-c", "job-e", "job-b", "job-d", "job-a"]
     assert "cannot resume job-f" in caplog.text
+
+
+def test_serve_waits_its_placement_timeout_for_a_job_it_cannot_place(tmp_path):
+    """--placement-timeout-s reaches the jobs: three STRICT_SPREAD shards on a one-node Ray."""
+    proc, client = start_server(tmp_path / "state", free_port(), "--placement-timeout-s", "1.5")
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            client.create_job("softmax", shards=3, placement="STRICT_SPREAD", rows=20, features=4, outputs=3)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "cannot place 3 shards with placement STRICT_SPREAD" in e.value.details()
+        assert "within 1.5 s" in e.value.details()
+    finally:
+        kill(proc)
