@@ -23,9 +23,9 @@ class Settings:
     ray_cpus: int = _f(0, "CPUs of the embedded local Ray; 0 = all of this machine's")
     object_store_mb: int = _f(0, "object store of the embedded Ray in MiB; 0 = Ray's default")
     call_timeout_s: float = _f(600.0, "longest wait for the shards of one call")
-    placement_timeout_s: float = _f(30.0, "longest wait to place a job's shards, and to restart a dead one (a "
-                                          "node that vanished: longer than Ray's health checks take to declare "
-                                          "it dead, after the 30 s its lines take to notice)")
+    placement_timeout_s: float = _f(30.0, "longest wait to place a job's shards, and to find and restart a "
+                                          "dead one; for a node that vanished, 30 s + 2 x this must exceed the "
+                                          "time Ray takes to declare it dead (about 65 s with Ray's defaults)")
     workers: int = _f(64, "server threads (concurrent RPCs)")
     grace_s: float = _f(5.0, "seconds in-flight RPCs get on shutdown")
     state_dir: str = _f("", "keep job definitions and checkpoints here and resume them after a restart; \"\" = off")

@@ -329,11 +329,15 @@ def test_a_shard_dying_during_the_periodic_checkpoint_does_not_fail_the_step(mon
     np.testing.assert_array_equal(c.get_params(job.job_id), c.get_params(twin.job_id))
 
 
-@pytest.mark.parametrize("deaths", [2, 4], ids=["one during the replay", "one in each round"])
-def test_a_shard_dying_during_a_recovery_starts_it_again_up_to_three_rounds(monkeypatch, deaths):
-    """Shard 1 dies at its third update (step 3), then again at every update of the recovery's
-    replay, `deaths` times in all: two deaths are recovered (the replay runs again from the
-    checkpoint), four outlast the three rounds of one recovery and leave the job unusable."""
+@pytest.mark.parametrize("deaths, recovered", [
+    ({3, 4}, True),           # at step 3, then at the replay's first step: a second round
+    ({3, 5}, True),           # at step 3, then at the replay's second step, the first one applied
+    ({3, 4, 5}, True),        # ... and in the second round too: the third round recovers
+    ({3, 4, 5, 6}, False),    # a death in each of the three rounds: the job is unusable
+], ids=["second round", "part way through the replay", "third round", "three rounds fail"])
+def test_a_shard_dying_during_a_recovery_starts_it_again_up_to_three_rounds(monkeypatch, deaths, recovered):
+    """Shard 1 dies at the update calls numbered in `deaths` (its third is step 3's; the ones after
+    are the recovery's replay of steps 1 and 2, round after round)."""
     from service.errors import ShardUnavailable
 
     c = Coordinator(LocalShardGroup)
@@ -344,19 +348,19 @@ def test_a_shard_dying_during_a_recovery_starts_it_again_up_to_three_rounds(monk
     def dies(self, *args, **kwargs):
         if self.index == 1:
             calls.append(True)
-            if 3 <= len(calls) < 3 + deaths:
+            if len(calls) in deaths:
                 raise ShardUnavailable("a shard died during backward_apply: ChannelLost; retry the call")
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Shard, "backward_apply", dies)
-    if deaths == 2:
+    if recovered:
         assert [r.step for r in c.step(job.job_id, 3)] == [1, 2, 3] and not job.broken
         list(c.step(twin.job_id, 3))
         np.testing.assert_array_equal(c.get_params(job.job_id), c.get_params(twin.job_id))
     else:
         with pytest.raises(ShardUnavailable, match="could not be recovered"):
             list(c.step(job.job_id, 3))
-        assert job.broken
+        assert job.broken and len(calls) == 6           # step 3's call and one per round: no fourth round
 
 
 def test_the_server_answers_unavailable_while_it_resumes(client, server):
