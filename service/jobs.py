@@ -272,15 +272,15 @@ class JobRegistry:
         if not job_id:
             raise ValueError("job_id is empty")
         with self._lock:
-            job = self._jobs.get(job_id)
-        if job is None:
-            self._refuse_taken(job_id)
-            raise NotFound(f"no job {job_id!r}")
-        return job
+            return self._found(job_id, self._jobs.get(job_id))
 
-    def _refuse_taken(self, job_id: str) -> None:
+    def _found(self, job_id: str, job: Job | None) -> Job:
+        """The job looked up, or why there is none."""
+        if job is not None:
+            return job
         if job_id in self._taken:         # close() has let go of it; with --state-dir it comes back
             raise Unavailable(f"the server is stopping; job {job_id} takes no more calls here")
+        raise NotFound(f"no job {job_id!r}")
 
     def pop(self, job_id: str) -> Job:
         """Remove and return a job; NotFound if it is unknown or another thread took it first,
@@ -288,11 +288,7 @@ class JobRegistry:
         if not job_id:
             raise ValueError("job_id is empty")
         with self._lock:
-            job = self._jobs.pop(job_id, None)
-        if job is None:
-            self._refuse_taken(job_id)
-            raise NotFound(f"no job {job_id!r}")
-        return job
+            return self._found(job_id, self._jobs.pop(job_id, None))
 
     def all(self) -> list[Job]:
         with self._lock:

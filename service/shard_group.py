@@ -308,17 +308,15 @@ class RayShardGroup:
         # Every shard is asked at once: those that cannot answer (a node that vanished, one that
         # hangs) cost one restart timeout together, not one each.
         asked = [actor.get_step.remote() for actor in self.actors]
-        answered, _ = ray.wait(asked, num_returns=len(asked), timeout=self._restart_timeout_s)
-        answered = set(answered)
-        dead = []
-        for s, ref in enumerate(asked):
+        answered = set(ray.wait(asked, num_returns=len(asked), timeout=self._restart_timeout_s)[0])
+
+        def alive(ref) -> bool:
             try:
-                if ref in answered:
-                    ray.get(ref)
-                    continue
+                ray.get(ref)
+                return True
             except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
-                pass
-            dead.append(s)
+                return False
+        dead = [s for s, ref in enumerate(asked) if ref not in answered or not alive(ref)]
         if dead:
             self._close_channels()
             self._channels_retry_at = 0.0

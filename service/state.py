@@ -84,7 +84,7 @@ class StateStore:
     def load(self) -> list[tuple[str, JobConfig, int, list[dict]]]:
         """(job_id, config, step, shard states) of every saved job with a complete checkpoint, in the
         order the jobs were created (so that ListJobs keeps it across a restart)."""
-        out, created = [], {}
+        out = []                          # (created_ns, the job's entry)
         for d in sorted((self.root / "jobs").iterdir()):
             try:
                 saved = json.loads((d / "job.json").read_text())
@@ -99,9 +99,8 @@ class StateStore:
                         st = {k: f[k] for k in f.files}
                     states.append({"theta": st["theta"], "step": int(st["step"]), "opt_t": int(st["opt_t"]),
                                    "m": st.get("m"), "v": st.get("v")})
-                when = int(saved.get("created_ns") or 0)         # 0: saved before it was recorded
-                out.append((saved["job_id"], config_from_dict(saved["config"]), int(manifest["step"]), states))
-                created[saved["job_id"]] = when
+                out.append((int(saved.get("created_ns") or 0),     # 0: saved before it was recorded
+                            (saved["job_id"], config_from_dict(saved["config"]), int(manifest["step"]), states)))
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.error("cannot resume %s: %s", d.name, exc, extra={"job_id": d.name})
-        return sorted(out, key=lambda saved: created[saved[0]])         # stable: ties stay by job id
+        return [job for _, job in sorted(out, key=lambda entry: entry[0])]    # stable: ties stay by job id
